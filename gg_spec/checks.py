@@ -1,0 +1,204 @@
+"""Input checks shared by both backends, framework-neutral.
+
+Each backend describes its arguments as ``ArgInfo`` (shape, dtype name, device name) and calls
+the check for its op before any launch. Shape, dtype and device problems are found without
+touching the data; the value checks (``sum(m_sizes)``, gather-index range) need four numbers
+that the backend reads off the device in one transfer, and are skipped under tracing
+(``torch.compile``, ``jax.jit``), where values are not known.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+INDEX_DTYPES = ("int32", "int64")
+
+
+@dataclass(frozen=True)
+class ArgInfo:
+    shape: tuple
+    dtype: str
+    device: str = "cpu"
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes of one call: E experts, N, K, M routed rows (expert-order positions),
+    T tokens (rows of X with permute_x), R routed rows addressed by gather indices."""
+
+    num_experts: int
+    n: int
+    k: int
+    m: int
+    tokens: int
+    routed_rows: int
+
+
+_value_checks_enabled = os.environ.get("GG_VALUE_CHECKS", "1") != "0"
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Turn the eager value checks (one small device-to-host read per call) on or off;
+    returns the previous setting. Benchmarks turn them off; ``GG_VALUE_CHECKS=0`` too."""
+    global _value_checks_enabled
+    previous, _value_checks_enabled = _value_checks_enabled, bool(enabled)
+    return previous
+
+
+def value_checks_enabled() -> bool:
+    return _value_checks_enabled
+
+
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def _check_float(name: str, a: ArgInfo, dtype: str | None = None):
+    if a.dtype not in FLOAT_DTYPES:
+        _fail(f"{name} must have a dtype in {FLOAT_DTYPES}, got {a.dtype} (shape {a.shape})")
+    if dtype is not None and a.dtype != dtype:
+        _fail(f"{name} has dtype {a.dtype} but the other operand has {dtype}; "
+              f"cast them to one dtype")
+
+
+def _check_ndim(name: str, a: ArgInfo, ndim: int, layout: str):
+    if a.ndim != ndim:
+        _fail(f"{name} must be {ndim}-D {layout}, got shape {a.shape}")
+
+
+def _check_routing(m_sizes: ArgInfo, gather: ArgInfo | None, topk, num_experts: int,
+                   m: int, need_gather: bool, why: str):
+    _check_ndim("m_sizes", m_sizes, 1, "[E]")
+    if m_sizes.shape[0] != num_experts:
+        _fail(f"m_sizes has {m_sizes.shape[0]} entries (shape {m_sizes.shape}) but W has "
+              f"{num_experts} experts")
+    if m_sizes.dtype not in INDEX_DTYPES:
+        _fail(f"m_sizes must be int32 or int64, got {m_sizes.dtype}")
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        _fail(f"topk must be a positive int, got {topk!r}")
+    if gather is None:
+        if need_gather:
+            _fail(f"gather_indices is required with {why}")
+        return
+    _check_ndim("gather_indices", gather, 1, "[M]")
+    if gather.dtype not in INDEX_DTYPES:
+        _fail(f"gather_indices must be int32 or int64, got {gather.dtype}")
+    if gather.shape[0] != m:
+        _fail(f"gather_indices has {gather.shape[0]} entries (shape {gather.shape}) but "
+              f"there are M={m} routed rows")
+
+
+def _check_devices(**args: ArgInfo | None):
+    devices = {name: a.device for name, a in args.items() if a is not None}
+    if len(set(devices.values())) > 1:
+        _fail(f"all arguments must be on one device, got {devices}")
+
+
+def _why(permute_x, permute_y, fuse_mul_post) -> str:
+    return " and ".join(n for n, on in (("permute_x", permute_x), ("permute_y", permute_y),
+                                        ("fuse_mul_post", fuse_mul_post)) if on)
+
+
+def _check_permutes(permute_x, permute_y):
+    if permute_x and permute_y:
+        _fail("permute_x and permute_y cannot both be set")
+
+
+def check_forward(x: ArgInfo, w: ArgInfo, m_sizes: ArgInfo, gather: ArgInfo | None, topk,
+                  *, permute_x: bool, permute_y: bool, topk_weights: ArgInfo | None,
+                  fuse_mul_post: bool) -> Dims:
+    """Shapes for Y = grouped_gemm_forward(X, W, ...); returns the call's Dims."""
+    _check_permutes(permute_x, permute_y)
+    _check_ndim("W", w, 3, "[E, N, K]")
+    _check_ndim("X", x, 2, "[T, K]" if permute_x else "[M, K]")
+    _check_float("X", x)
+    _check_float("W", w, x.dtype)
+    e, n, k = w.shape
+    if x.shape[1] != k:
+        _fail(f"X has K={x.shape[1]} columns (shape {x.shape}) but W {w.shape} expects K={k}")
+    m = gather.shape[0] if (permute_x and gather is not None) else x.shape[0]
+    _check_routing(m_sizes, gather, topk, e, m, permute_x or permute_y or fuse_mul_post,
+                   _why(permute_x, permute_y, fuse_mul_post))
+    tokens = x.shape[0] if permute_x else m
+    routed = tokens * topk if permute_x else m
+    if fuse_mul_post:
+        if topk_weights is None:
+            _fail("topk_weights is required with fuse_mul_post")
+        _check_ndim("topk_weights", topk_weights, 1, "[M] (routed-row order)")
+        if topk_weights.shape[0] != routed:
+            _fail(f"topk_weights has {topk_weights.shape[0]} entries (shape "
+                  f"{topk_weights.shape}) but there are {routed} routed rows")
+        if topk_weights.dtype not in FLOAT_DTYPES:
+            _fail(f"topk_weights must be a float dtype, got {topk_weights.dtype}")
+    _check_devices(X=x, W=w, m_sizes=m_sizes, gather_indices=gather,
+                   topk_weights=topk_weights if fuse_mul_post else None)
+    return Dims(e, n, k, m, tokens, routed)
+
+
+def check_dX(dy: ArgInfo, w: ArgInfo, m_sizes: ArgInfo, gather: ArgInfo | None, topk,
+             *, permute_x: bool, permute_y: bool) -> Dims:
+    """Shapes for dX = grouped_gemm_dX(dY, W, ...)."""
+    _check_permutes(permute_x, permute_y)
+    _check_ndim("W", w, 3, "[E, N, K]")
+    _check_ndim("dY", dy, 2, "[M, N]")
+    _check_float("dY", dy)
+    _check_float("W", w, dy.dtype)
+    e, n, k = w.shape
+    if dy.shape[1] != n:
+        _fail(f"dY has N={dy.shape[1]} columns (shape {dy.shape}) but W {w.shape} has N={n}")
+    m = dy.shape[0]
+    _check_routing(m_sizes, gather, topk, e, m, permute_x or permute_y,
+                   _why(permute_x, permute_y, False))
+    _check_devices(dY=dy, W=w, m_sizes=m_sizes, gather_indices=gather)
+    tokens = m // topk if permute_x else m
+    if permute_x and m % topk:
+        _fail(f"with permute_x, M={m} routed rows must be a multiple of topk={topk}")
+    return Dims(e, n, k, m, tokens, m)
+
+
+def check_dW(x: ArgInfo, dy: ArgInfo, m_sizes: ArgInfo, gather: ArgInfo | None, topk,
+             *, permute_x: bool, permute_y: bool) -> Dims:
+    """Shapes for dW = grouped_gemm_dW(X, dY, ...)."""
+    _check_permutes(permute_x, permute_y)
+    _check_ndim("X", x, 2, "[T, K]" if permute_x else "[M, K]")
+    _check_ndim("dY", dy, 2, "[M, N]")
+    _check_float("X", x)
+    _check_float("dY", dy, x.dtype)
+    m = dy.shape[0]
+    if not permute_x and x.shape[0] != m:
+        _fail(f"X has {x.shape[0]} rows (shape {x.shape}) but dY has M={m} (shape {dy.shape})")
+    _check_routing(m_sizes, gather, topk, m_sizes.shape[0] if m_sizes.ndim == 1 else -1, m,
+                   permute_x or permute_y, _why(permute_x, permute_y, False))
+    _check_devices(X=x, dY=dy, m_sizes=m_sizes, gather_indices=gather)
+    tokens = x.shape[0] if permute_x else m
+    routed = tokens * topk if permute_x else m
+    return Dims(m_sizes.shape[0], dy.shape[1], x.shape[1], m, tokens, routed)
+
+
+def check_values(dims: Dims, m_sizes_sum: int, m_sizes_min: int, gather_min: int | None,
+                 gather_max: int | None) -> None:
+    """The value checks, from four numbers the backend read off the device."""
+    if m_sizes_min < 0:
+        _fail(f"m_sizes must be non-negative, got a minimum of {m_sizes_min}")
+    if m_sizes_sum != dims.m:
+        _fail(f"sum(m_sizes)={m_sizes_sum} must equal the M={dims.m} routed rows")
+    if gather_min is not None and dims.m > 0:
+        if gather_min < 0 or gather_max >= dims.routed_rows:
+            _fail(f"gather_indices must lie in [0, {dims.routed_rows}), got range "
+                  f"[{gather_min}, {gather_max}]")
+
+
+def check_topk_ids(shape: tuple, dtype: str, num_experts) -> None:
+    """Shapes for route(topk_ids, num_experts)."""
+    if len(shape) != 2:
+        _fail(f"topk_ids must be 2-D [T, k], got shape {shape}")
+    if dtype not in INDEX_DTYPES and dtype not in ("int8", "int16", "uint8"):
+        _fail(f"topk_ids must be an integer dtype, got {dtype}")
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        _fail(f"num_experts must be a positive int, got {num_experts!r}")

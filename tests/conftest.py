@@ -1,0 +1,37 @@
+"""Test setup: CPU by default (interpreters); `-m gpu` selects the GPU tests.
+
+Without a GPU the `gpu` tests are skipped; with `-m gpu` only they run.
+"""
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+# JAX must not grab the whole GPU when torch shares it in one process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh generator per test, seeded from the test's name (reproducible, not shared)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
