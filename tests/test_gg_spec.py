@@ -277,3 +277,16 @@ def test_gg_spec_imports_with_numpy_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_tuning_cache_round_trip(tmp_path, monkeypatch):
+    from gg_spec import tuning_cache
+    monkeypatch.setenv("GG_CACHE_DIR", str(tmp_path))
+    key = gg_spec.tuning_key("dW", num_experts=4, n=8, k=8, rows=40, dtype="float32")
+    assert tuning_cache.load("triton", key) is None
+    cfg = gg_spec.DWConfig(block_n=32)
+    tuning_cache.store("triton", key, cfg, ms=1.5)
+    assert tuning_cache.load("triton", key) == cfg
+    assert tuning_cache.load("pallas", key) is None
+    (tmp_path / "tuned_pallas.json").write_text("not json")
+    assert tuning_cache.load("pallas", key) is None

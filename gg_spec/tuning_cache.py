@@ -1,0 +1,55 @@
+"""The on-disk cache of tuned configs, shared by both backends.
+
+One JSON file per backend in ``$GG_CACHE_DIR`` (default ``~/.cache/moe_grouped_gemm``), keyed
+by ``gg_spec.tuning_key``; a second process reads the choice instead of tuning again. Writes
+go through a temporary file and a rename, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from gg_spec.configs import AnyConfig, config_from_dict, config_to_dict
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GG_CACHE_DIR", Path.home() / ".cache" / "moe_grouped_gemm"))
+
+
+def cache_path(backend: str) -> Path:
+    return cache_dir() / f"tuned_{backend}.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def load(backend: str, key: str) -> AnyConfig | None:
+    """The cached config for `key`, or None."""
+    entry = _read(cache_path(backend)).get(key)
+    if entry is None:
+        return None
+    try:
+        return config_from_dict(entry["config"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def store(backend: str, key: str, config: AnyConfig, ms: float | None = None) -> None:
+    """Record `config` (and its measured time) under `key`."""
+    path = cache_path(backend)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _read(path)
+    data[key] = {"config": config_to_dict(config), "ms": ms}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
