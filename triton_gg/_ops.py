@@ -1,0 +1,201 @@
+"""The kernels as registered torch custom ops, so that torch.compile(fullgraph=True) traces
+through them (forward and backward) without graph breaks, and the autograd formula.
+
+Configs travel through the op schema as int lists (custom ops take only simple types).
+Arguments reaching these ops are already validated by the public functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from gg_spec import DWConfig, DXConfig, ForwardConfig
+from triton_gg.kernels.dw import launch_dw
+from triton_gg.kernels.dx import launch_dx
+from triton_gg.kernels.forward import launch_forward
+
+
+def encode(config) -> list[int]:
+    return [int(getattr(config, f.name)) for f in dataclasses.fields(config)]
+
+
+def _decoder(cls):
+    names = [f.name for f in dataclasses.fields(cls)]
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    cache: dict[tuple, object] = {}
+
+    def decode(values):
+        key = tuple(values)
+        if key not in cache:
+            cache[key] = cls(**{n: (bool(v) if types[n] in (bool, "bool") else int(v))
+                                for n, v in zip(names, key)})
+        return cache[key]
+    return decode
+
+
+decode_forward = _decoder(ForwardConfig)
+decode_dx = _decoder(DXConfig)
+decode_dw = _decoder(DWConfig)
+
+
+def _rows_out(x, gather, permute_x):
+    return gather.shape[0] if permute_x else x.shape[0]
+
+
+# ---------------------------------------------------------------------------- forward
+
+@torch.library.custom_op("triton_gg::forward", mutates_args=())
+def forward_op(x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
+               gather_indices: torch.Tensor | None, topk_weights: torch.Tensor | None,
+               topk: int, permute_x: bool, permute_y: bool, fuse_mul_post: bool,
+               store_unweighted: bool, forward_config: list[int], dx_config: list[int],
+               dw_config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y [M, N], Y_unweighted [M, N] or [0, N]). dx/dw configs ride along for backward."""
+    m, n = _rows_out(x, gather_indices, permute_x), w.shape[1]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    store_unweighted = store_unweighted and fuse_mul_post
+    y_unweighted = torch.empty((m if store_unweighted else 0, n), dtype=x.dtype, device=x.device)
+    launch_forward(x.contiguous(), w, m_sizes.contiguous(),
+                   None if gather_indices is None else gather_indices.contiguous(),
+                   None if topk_weights is None else topk_weights.contiguous(),
+                   y, y_unweighted, topk=topk, permute_x=permute_x, permute_y=permute_y,
+                   fuse_mul_post=fuse_mul_post, store_unweighted=store_unweighted,
+                   config=decode_forward(forward_config))
+    return y, y_unweighted
+
+
+@forward_op.register_fake
+def _(x, w, m_sizes, gather_indices, topk_weights, topk, permute_x, permute_y, fuse_mul_post,
+      store_unweighted, forward_config, dx_config, dw_config):
+    m, n = _rows_out(x, gather_indices, permute_x), w.shape[1]
+    keep = store_unweighted and fuse_mul_post
+    return x.new_empty((m, n)), x.new_empty((m if keep else 0, n))
+
+
+# ---------------------------------------------------------------------------- dX, dW
+
+@torch.library.custom_op("triton_gg::dx", mutates_args=())
+def dx_op(dy: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
+          gather_indices: torch.Tensor | None, topk: int, permute_x: bool, permute_y: bool,
+          config: list[int]) -> torch.Tensor:
+    """dX [M, K] (routed-row order with permute_x)."""
+    dx = torch.empty((dy.shape[0], w.shape[2]), dtype=dy.dtype, device=dy.device)
+    launch_dx(dy.contiguous(), w, m_sizes.contiguous(),
+              None if gather_indices is None else gather_indices.contiguous(), dx,
+              permute_x=permute_x, permute_y=permute_y, config=decode_dx(config))
+    return dx
+
+
+@dx_op.register_fake
+def _(dy, w, m_sizes, gather_indices, topk, permute_x, permute_y, config):
+    return dy.new_empty((dy.shape[0], w.shape[2]))
+
+
+@torch.library.custom_op("triton_gg::dw", mutates_args=())
+def dw_op(x: torch.Tensor, dy: torch.Tensor, m_sizes: torch.Tensor,
+          gather_indices: torch.Tensor | None, topk: int, permute_x: bool, permute_y: bool,
+          config: list[int], transpose_out: bool) -> torch.Tensor:
+    """dW [E, N, K], or [E, K, N] with transpose_out (grouped_mm's weight layout)."""
+    e, n, k = m_sizes.shape[0], dy.shape[1], x.shape[1]
+    if transpose_out:
+        out = torch.empty((e, k, n), dtype=x.dtype, device=x.device)
+        target = out.transpose(1, 2)
+    else:
+        out = target = torch.empty((e, n, k), dtype=x.dtype, device=x.device)
+    launch_dw(x.contiguous(), dy.contiguous(), m_sizes.contiguous(),
+              None if gather_indices is None else gather_indices.contiguous(), target,
+              topk=topk, permute_x=permute_x, permute_y=permute_y, config=decode_dw(config))
+    return out
+
+
+@dw_op.register_fake
+def _(x, dy, m_sizes, gather_indices, topk, permute_x, permute_y, config, transpose_out):
+    e, n, k = m_sizes.shape[0], dy.shape[1], x.shape[1]
+    return x.new_empty((e, k, n) if transpose_out else (e, n, k))
+
+
+# ---------------------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    (x, w, m_sizes, gather, topk_weights, topk, permute_x, permute_y, fuse_mul_post,
+     store_unweighted, _, dx_config, dw_config) = inputs
+    ctx.topk, ctx.permute_x, ctx.permute_y = topk, permute_x, permute_y
+    ctx.fuse_mul_post = fuse_mul_post
+    ctx.dx_config, ctx.dw_config = dx_config, dw_config
+    ctx.tokens = x.shape[0]
+    y_unweighted = output[1]
+    ctx.save_for_backward(x, w, m_sizes, gather, topk_weights,
+                          y_unweighted if store_unweighted else None)
+
+
+def _backward(ctx, grad_y, _grad_y_unweighted):
+    x, w, m_sizes, gather, topk_weights, y_unweighted = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_weights = ctx.fuse_mul_post and ctx.needs_input_grad[4]
+    dy = grad_y.contiguous()
+    d_weights = None
+    if ctx.fuse_mul_post:
+        # Y[row] = s(row) * Y_unweighted[row]: the weight of each row of Y, in Y's row order
+        row_scale = topk_weights if ctx.permute_y else topk_weights[gather.long()]
+        if need_weights:
+            if y_unweighted is None:
+                raise RuntimeError("topk_weights needs a gradient, but the forward did not "
+                                   "keep Y_unweighted (topk_weights.requires_grad was False)")
+            per_row = (dy.float() * y_unweighted.float()).sum(dim=1)
+            if ctx.permute_y:
+                d_weights = per_row.to(topk_weights.dtype)
+            else:
+                d_weights = torch.zeros_like(topk_weights).index_copy(
+                    0, gather.long(), per_row.to(topk_weights.dtype))
+        dy = (dy.float() * row_scale.float()[:, None]).to(dy.dtype)
+    dx = dw = None
+    if need_x:
+        dx = dx_op(dy, w, m_sizes, gather, ctx.topk, ctx.permute_x, ctx.permute_y,
+                   ctx.dx_config)
+        if ctx.permute_x:  # sum the k routed copies of each token
+            dx = dx.view(ctx.tokens, ctx.topk, dx.shape[1]).sum(dim=1)
+    if need_w:
+        dw = dw_op(x, dy, m_sizes, gather, ctx.topk, ctx.permute_x, ctx.permute_y,
+                   ctx.dw_config, False)
+    return (dx, dw, None, None, d_weights) + (None,) * 8
+
+
+forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# grouped_mm: out = a @ b[e] on row groups, b [E, K, N]; our W is b viewed as [E, N, K].
+
+@torch.library.custom_op("triton_gg::grouped_mm", mutates_args=())
+def grouped_mm_op(a: torch.Tensor, b: torch.Tensor, m_sizes: torch.Tensor,
+                  forward_config: list[int], dx_config: list[int],
+                  dw_config: list[int]) -> torch.Tensor:
+    y, _ = forward_op(a, b.transpose(1, 2), m_sizes, None, None, 1, False, False, False, False,
+                      forward_config, dx_config, dw_config)
+    return y
+
+
+@grouped_mm_op.register_fake
+def _(a, b, m_sizes, forward_config, dx_config, dw_config):
+    return a.new_empty((a.shape[0], b.shape[2]))
+
+
+def _mm_setup(ctx, inputs, output):
+    a, b, m_sizes, _, dx_config, dw_config = inputs
+    ctx.dx_config, ctx.dw_config = dx_config, dw_config
+    ctx.save_for_backward(a, b, m_sizes)
+
+
+def _mm_backward(ctx, grad_out):
+    a, b, m_sizes = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    da = db = None
+    if ctx.needs_input_grad[0]:
+        da = dx_op(grad_out, b.transpose(1, 2), m_sizes, None, 1, False, False, ctx.dx_config)
+    if ctx.needs_input_grad[1]:
+        db = dw_op(a, grad_out, m_sizes, None, 1, False, False, ctx.dw_config, True)
+    return da, db, None, None, None, None
+
+
+grouped_mm_op.register_autograd(_mm_backward, setup_context=_mm_setup)

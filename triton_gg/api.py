@@ -1,0 +1,148 @@
+"""Public functions of triton_gg (the contract of DESIGN.md, on torch tensors).
+
+Shapes: X [M, K] in expert order (or [T, K] in token order with permute_x), W [E, N, K]
+(``nn.Linear`` layout, y = x @ W[e].T), m_sizes [E] int32, gather_indices [M] (routed row of
+each expert-order position, from ``route``), topk_weights [M] in routed-row order.
+Inputs bf16, fp16 or fp32; fp32 accumulation; outputs in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gg_spec import DWConfig, DXConfig, ForwardConfig, default_config
+from triton_gg import _ops, autotune
+from triton_gg import _validate as v
+
+
+def _forward_config(config, autotune_on, dims, x, w, m_sizes, gather, topk, permute_x,
+                    permute_y, topk_weights, fuse_mul_post):
+    def run(cfg):
+        return _ops.forward_op(x, w, m_sizes, gather, topk_weights, topk, permute_x, permute_y,
+                               fuse_mul_post, False, _ops.encode(cfg),
+                               _ops.encode(DXConfig()), _ops.encode(DWConfig()))
+    return autotune.choose(
+        "forward", config, autotune_on,
+        lambda: autotune.key_for("forward", dims, x.dtype, x.device, permute_x=permute_x,
+                                 permute_y=permute_y, fuse_mul_post=fuse_mul_post),
+        run, x.device, permute_x=permute_x, permute_y=permute_y)
+
+
+def _dx_config(config, autotune_on, dims, dy, w, m_sizes, gather, topk, permute_x, permute_y):
+    def run(cfg):
+        return _ops.dx_op(dy, w, m_sizes, gather, topk, permute_x, permute_y, _ops.encode(cfg))
+    return autotune.choose(
+        "dX", config, autotune_on,
+        lambda: autotune.key_for("dX", dims, dy.dtype, dy.device, permute_x=permute_x,
+                                 permute_y=permute_y),
+        run, dy.device, permute_x=permute_x, permute_y=permute_y)
+
+
+def _dw_config(config, autotune_on, dims, x, dy, m_sizes, gather, topk, permute_x, permute_y):
+    def run(cfg):
+        return _ops.dw_op(x, dy, m_sizes, gather, topk, permute_x, permute_y, _ops.encode(cfg),
+                          False)
+    return autotune.choose(
+        "dW", config, autotune_on,
+        lambda: autotune.key_for("dW", dims, x.dtype, x.device, permute_x=permute_x,
+                                 permute_y=permute_y),
+        run, x.device, permute_x=permute_x, permute_y=permute_y)
+
+
+def grouped_gemm_forward(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
+                         gather_indices: torch.Tensor | None, topk: int, *,
+                         permute_x: bool = False, permute_y: bool = False,
+                         topk_weights: torch.Tensor | None = None, fuse_mul_post: bool = False,
+                         config: ForwardConfig | None = None,
+                         autotune: bool = False) -> torch.Tensor:
+    """Y [M, N] = X[row(p)] @ W[e(p)].T for every expert-order position p.
+
+    permute_x: X is [T, K] in token order and row p reads X[gather_indices[p] // topk].
+    permute_y: row p is stored at Y[gather_indices[p]] (Y in routed-row order).
+    fuse_mul_post: row p is scaled by topk_weights[gather_indices[p]].
+    Not differentiable: use ``grouped_gemm`` for training.
+    """
+    dims = v.check_forward(X, W, m_sizes, gather_indices, topk, permute_x=permute_x,
+                           permute_y=permute_y, topk_weights=topk_weights,
+                           fuse_mul_post=fuse_mul_post, config=config)
+    config = _forward_config(config, autotune, dims, X, W, m_sizes, gather_indices, topk,
+                             permute_x, permute_y, topk_weights, fuse_mul_post)
+    y, _ = _ops.forward_op(X, W, m_sizes, gather_indices, topk_weights, topk, permute_x,
+                           permute_y, fuse_mul_post, False, _ops.encode(config),
+                           _ops.encode(DXConfig()), _ops.encode(DWConfig()))
+    return y
+
+
+def grouped_gemm_dX(dY: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
+                    gather_indices: torch.Tensor | None, topk: int, *, permute_x: bool = False,
+                    permute_y: bool = False, config: DXConfig | None = None,
+                    autotune: bool = False) -> torch.Tensor:
+    """dX [M, K] = dY[row(p)] @ W[e(p)].
+
+    permute_y: dY is in routed-row order, row p is read at gather_indices[p].
+    permute_x: row p of dX is stored at gather_indices[p] (routed-row order; the
+    differentiable op then sums each token's topk rows).
+    """
+    dims = v.check_dX(dY, W, m_sizes, gather_indices, topk, permute_x=permute_x,
+                      permute_y=permute_y, config=config)
+    config = _dx_config(config, autotune, dims, dY, W, m_sizes, gather_indices, topk,
+                        permute_x, permute_y)
+    return _ops.dx_op(dY, W, m_sizes, gather_indices, topk, permute_x, permute_y,
+                      _ops.encode(config))
+
+
+def grouped_gemm_dW(X: torch.Tensor, dY: torch.Tensor, m_sizes: torch.Tensor,
+                    gather_indices: torch.Tensor | None, topk: int, *, permute_x: bool = False,
+                    permute_y: bool = False, config: DWConfig | None = None,
+                    autotune: bool = False) -> torch.Tensor:
+    """dW [E, N, K]: dW[e] = sum over the expert's positions p of dY[row]^T X[row];
+    exactly zero for an expert with no rows. Gather rules as in forward / dX."""
+    dims = v.check_dW(X, dY, m_sizes, gather_indices, topk, permute_x=permute_x,
+                      permute_y=permute_y, config=config)
+    config = _dw_config(config, autotune, dims, X, dY, m_sizes, gather_indices, topk,
+                        permute_x, permute_y)
+    return _ops.dw_op(X, dY, m_sizes, gather_indices, topk, permute_x, permute_y,
+                      _ops.encode(config), False)
+
+
+def grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
+                 gather_indices: torch.Tensor | None, topk: int, *, permute_x: bool = False,
+                 permute_y: bool = False, topk_weights: torch.Tensor | None = None,
+                 fuse_mul_post: bool = False, forward_config: ForwardConfig | None = None,
+                 dx_config: DXConfig | None = None, dw_config: DWConfig | None = None,
+                 autotune: bool = False) -> torch.Tensor:
+    """The differentiable grouped GEMM (a registered torch custom op; compiles with
+    torch.compile(fullgraph=True)). Same semantics as ``grouped_gemm_forward``.
+
+    Gradients: X ([T, K] with permute_x: each token's topk routed copies summed), W, and
+    with fuse_mul_post topk_weights (d topk_weights[r] = <dY[r], Y_unweighted[r]>).
+    """
+    dims = v.check_forward(X, W, m_sizes, gather_indices, topk, permute_x=permute_x,
+                           permute_y=permute_y, topk_weights=topk_weights,
+                           fuse_mul_post=fuse_mul_post, config=forward_config)
+    for op, cfg in (("dX", dx_config), ("dW", dw_config)):
+        if cfg is not None:
+            v.check_config(op, cfg, permute_x=permute_x, permute_y=permute_y)
+    forward_config = _forward_config(forward_config, autotune, dims, X, W, m_sizes,
+                                     gather_indices, topk, permute_x, permute_y, topk_weights,
+                                     fuse_mul_post)
+    if autotune and (dx_config is None or dw_config is None):
+        # Backward's inputs don't exist yet: tune dX and dW on a random dY of the right shape
+        # (their speed does not depend on the values); cached choices need no probe.
+        tunable = X.is_cuda and not torch.compiler.is_compiling()
+        probe = (torch.randn((dims.m, dims.n), dtype=X.dtype, device=X.device) if tunable
+                 else torch.empty((dims.m, dims.n), dtype=X.dtype, device=X.device))
+        dx_config = dx_config or _dx_config(None, True, dims, probe, W, m_sizes,
+                                            gather_indices, topk, permute_x, permute_y)
+        dw_config = dw_config or _dw_config(None, True, dims, X, probe, m_sizes,
+                                            gather_indices, topk, permute_x, permute_y)
+    dx_config = dx_config or default_config("dX")
+    dw_config = dw_config or default_config("dW")
+    store_unweighted = bool(fuse_mul_post and topk_weights is not None
+                            and topk_weights.requires_grad and torch.is_grad_enabled())
+    y, _ = _ops.forward_op(X, W, m_sizes, gather_indices, topk_weights, topk, permute_x,
+                           permute_y, fuse_mul_post, store_unweighted,
+                           _ops.encode(forward_config), _ops.encode(dx_config),
+                           _ops.encode(dw_config))
+    return y
+

@@ -1,0 +1,88 @@
+"""Config choice: a given config, the tuned one (autotune=True), or the default.
+
+Tuning times every valid candidate of gg_spec's search space on the actual inputs (CUDA-event
+medians through ``triton.testing.do_bench``), keeps the fastest, and caches it in memory and on
+disk under ``gg_spec.tuning_key`` (E, N, K, fusions, dtype, routed-row bucket, device name), so
+a second process does not tune again. Interpreted (CPU) runs do not time anything: their
+timings say nothing about a GPU, so they use a cached choice if one exists, else the default.
+Under torch.compile tracing, tuning is not possible either: cached or default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+import gg_spec
+from gg_spec import tuning_cache
+
+BACKEND = "triton"
+_memory: dict[str, object] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "_")
+    return device.type
+
+
+def key_for(op: str, dims, dtype: torch.dtype, device: torch.device, *, permute_x=False,
+            permute_y=False, fuse_mul_post=False) -> str:
+    return gg_spec.tuning_key(op, num_experts=dims.num_experts, n=dims.n, k=dims.k,
+                              rows=dims.m, dtype=str(dtype).replace("torch.", ""),
+                              permute_x=permute_x, permute_y=permute_y,
+                              fuse_mul_post=fuse_mul_post, device=_device_name(device))
+
+
+def cached(key: str):
+    if key not in _memory:
+        found = tuning_cache.load(BACKEND, key)
+        if found is None:
+            return None
+        _memory[key] = found
+    return _memory[key]
+
+
+def _time_on_gpu(run: Callable[[], object]) -> float:
+    import triton.testing
+    return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
+
+
+def tune(op: str, key: str, run_with: Callable[[object], object], *, permute_x=False,
+         permute_y=False, timer: Callable[[Callable[[], object]], float] | None = None):
+    """Time each valid candidate with `run_with(config)`, cache and return the fastest.
+
+    `timer(fn) -> ms` defaults to CUDA-event medians; tests pass a fake one."""
+    timer = timer or _time_on_gpu
+    best, best_ms = None, math.inf
+    for config in gg_spec.valid_candidates(op, permute_x=permute_x, permute_y=permute_y):
+        try:
+            ms = timer(lambda: run_with(config))
+        except Exception:  # a candidate that does not compile on this GPU (e.g. shared memory)
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    if best is None:
+        best = gg_spec.default_config(op)
+    _memory[key] = best
+    tuning_cache.store(BACKEND, key, best, None if math.isinf(best_ms) else best_ms)
+    return best
+
+
+def choose(op: str, config, autotune: bool, key_fn: Callable[[], str],
+           run_with: Callable[[object], object], device: torch.device, *, permute_x=False,
+           permute_y=False):
+    """The config to run: the given one, else tuned/cached with autotune, else default."""
+    if config is not None:
+        return config
+    if not autotune:
+        return gg_spec.default_config(op)
+    key = key_fn()
+    found = cached(key)
+    if found is not None:
+        return found
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return gg_spec.default_config(op)
+    return tune(op, key, run_with, permute_x=permute_x, permute_y=permute_y)

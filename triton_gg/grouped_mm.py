@@ -1,0 +1,42 @@
+"""A drop-in for ``torch._grouped_mm`` on the 2-D x 3-D case, differentiable."""
+
+from __future__ import annotations
+
+import torch
+
+from gg_spec import DWConfig, DXConfig, ForwardConfig, default_config
+from gg_spec.checks import ArgInfo
+from triton_gg import _ops, _validate
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *,
+               forward_config: ForwardConfig | None = None, dx_config: DXConfig | None = None,
+               dw_config: DWConfig | None = None) -> torch.Tensor:
+    """out [M, N]: rows offs[e-1]:offs[e] of a [M, K] times b[e] [K, N].
+
+    ``offs`` [E] int32 holds cumulative row ends (as for ``torch._grouped_mm``); its last
+    entry must equal M. ``b`` may be any strided [E, K, N] tensor, e.g. the transpose of
+    [E, N, K] weights, and is never copied.
+    """
+    if a.ndim != 2 or b.ndim != 3 or offs.ndim != 1:
+        raise ValueError(f"grouped_mm takes a [M, K], b [E, K, N], offs [E]; got a "
+                         f"{tuple(a.shape)}, b {tuple(b.shape)}, offs {tuple(offs.shape)}")
+    if offs.shape[0] != b.shape[0]:
+        raise ValueError(f"offs has {offs.shape[0]} entries but b {tuple(b.shape)} has "
+                         f"{b.shape[0]} groups")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} disagree on K")
+    m_sizes = torch.diff(offs, prepend=offs.new_zeros(1)).to(torch.int32)
+    w_info = ArgInfo((b.shape[0], b.shape[2], b.shape[1]), str(b.dtype).replace("torch.", ""),
+                     str(b.device))
+    from gg_spec import checks
+    dims = checks.check_forward(_validate.describe(a), w_info, _validate.describe(m_sizes),
+                                None, 1, permute_x=False, permute_y=False, topk_weights=None,
+                                fuse_mul_post=False)
+    _validate.check_device(a, "a")
+    _validate.check_values(dims, m_sizes, None)
+    configs = [c or default_config(op) for c, op in
+               ((forward_config, "forward"), (dx_config, "dX"), (dw_config, "dW"))]
+    for cfg, op in zip(configs, ("forward", "dX", "dW")):
+        _validate.check_config(op, cfg, permute_x=False, permute_y=False)
+    return _ops.grouped_mm_op(a, b, m_sizes, *[_ops.encode(c) for c in configs])

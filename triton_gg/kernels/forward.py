@@ -1,0 +1,113 @@
+"""Forward grouped GEMM: Y[p] = X[row(p)] @ W[e(p)].T, with the MoE fusions.
+
+* permute_x: X is [T, K] in token order; row p is read at gather[p] // topk (gather fused
+  into the load; no permuted copy of X exists).
+* permute_y: row p is stored at gather[p] (scatter fused into the store).
+* fuse_mul_post: each row is scaled by topk_weights[gather[p]] in the epilogue; with
+  STORE_UNWEIGHTED the unscaled row is also stored (the autograd op needs it for the
+  gradient of the routing weights).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_gg._runtime import INTERPRETING
+from triton_gg.kernels.schedule import locate_m_tile, swizzle
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, y_ptr, y_unweighted_ptr, m_sizes_ptr, gather_ptr, topk_weights_ptr,
+    E, N, K, num_m_tiles, TOPK, stride_we, stride_wn, stride_wk,
+    PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, FUSE_MUL: tl.constexpr,
+    STORE_UNWEIGHTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    m_tile, n_tile = swizzle(tl.program_id(0), num_m_tiles, num_n_tiles, GROUP_M)
+    expert, expert_start, expert_rows, local_row = locate_m_tile(
+        m_tile, m_sizes_ptr, E, BLOCK_M, E_POW2)
+    if expert >= E:
+        return  # padding tile beyond the last real one
+
+    rows = local_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < expert_rows
+    pos = expert_start + rows  # expert-order positions (int64)
+    if PERMUTE_X or PERMUTE_Y or FUSE_MUL:
+        routed = tl.load(gather_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    if PERMUTE_X:
+        x_rows = routed // TOPK
+    else:
+        x_rows = pos
+
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + x_rows[:, None] * K + ks[None, :]
+    # W[e] is [N, K] (any strides: a transposed [E, K, N] view works too); read a
+    # [BLOCK_K, BLOCK_N] tile of W[e].T
+    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn
+              + ks[:, None] * stride_wk)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + ks) < K
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        if UPCAST_DOT:  # the interpreter's bf16 dot multiplies bit patterns
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE_DOT:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+
+    out_rows = routed if PERMUTE_Y else pos
+    out_offsets = out_rows[:, None] * N + cols[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if FUSE_MUL:
+        if STORE_UNWEIGHTED:
+            tl.store(y_unweighted_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty),
+                     mask=out_mask)
+        scale = tl.load(topk_weights_ptr + routed, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * scale[:, None]
+    tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (max(1, n) - 1).bit_length())
+
+
+def launch_forward(x, w, m_sizes, gather_indices, topk_weights, y, y_unweighted, *, topk,
+                   permute_x, permute_y, fuse_mul_post, store_unweighted, config):
+    """Run the forward kernel into the preallocated y (and y_unweighted). Arguments are
+    already validated; shapes: x [M or T, K], w [E, N, K], y [M, N]."""
+    num_experts, n, k = w.shape
+    m = y.shape[0]
+    if m == 0 or n == 0:
+        return y
+    num_m_tiles = triton.cdiv(m, config.block_m) + num_experts
+    grid = (num_m_tiles * triton.cdiv(n, config.block_n),)
+    placeholder = m_sizes  # stands in for pointers a variant does not read
+    _forward_kernel[grid](
+        x, w, y, y_unweighted if store_unweighted else y, m_sizes,
+        gather_indices if gather_indices is not None else placeholder,
+        topk_weights if fuse_mul_post else placeholder,
+        num_experts, n, k, num_m_tiles, topk, *w.stride(),
+        PERMUTE_X=permute_x, PERMUTE_Y=permute_y, FUSE_MUL=fuse_mul_post,
+        STORE_UNWEIGHTED=store_unweighted and fuse_mul_post,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, E_POW2=next_pow2(num_experts), EVEN_K=k % config.block_k == 0,
+        UPCAST_DOT=INTERPRETING and x.dtype != torch.float32,
+        IEEE_DOT=x.dtype == torch.float32,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y

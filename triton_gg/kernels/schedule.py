@@ -1,0 +1,43 @@
+"""The work schedule, computed inside the kernels from ``m_sizes`` alone.
+
+Forward and dX tile the routed rows expert by expert: expert e contributes
+``cdiv(m_sizes[e], BLOCK_M)`` M-tiles, and the grid launches an upper bound of
+``cdiv(M, BLOCK_M) + E`` of them (no host sync to learn the exact count). Each program finds
+its expert with a prefix sum over the (at most a few hundred) experts held in registers: a
+handful of vector instructions, cheaper than a separate launch that builds a tile table, and
+it keeps every kernel launchable on any contiguous range of experts (expert parallelism just
+passes the local ``m_sizes``).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def locate_m_tile(tile, m_sizes_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """For M-tile number `tile`: (expert, first expert-order row of the expert, the expert's
+    row count, first row of this tile within the expert). expert == E marks a padding tile
+    past the last real one."""
+    experts = tl.arange(0, E_POW2)
+    sizes = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int32)
+    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)  # inclusive: tiles of experts 0..e
+    expert = tl.sum((tiles_end <= tile).to(tl.int32), 0)
+    before = experts < expert
+    first_tile = tl.sum(tl.where(before, tiles, 0), 0)
+    expert_start = tl.sum(tl.where(before, sizes, 0).to(tl.int64), 0)
+    expert_rows = tl.sum(tl.where(experts == expert, sizes, 0), 0)
+    return expert, expert_start, expert_rows, (tile - first_tile) * BLOCK_M
+
+
+@triton.jit
+def swizzle(pid, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
+    """Program id -> (M-tile, N-tile), visiting GROUP_M M-tiles per N column so that
+    programs running together share operand tiles in L2."""
+    per_group = GROUP_M * num_n_tiles
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m_tiles - first_m, GROUP_M)
+    m_tile = first_m + (pid % per_group) % group_size
+    n_tile = (pid % per_group) // group_size
+    return m_tile, n_tile

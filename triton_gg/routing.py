@@ -1,0 +1,25 @@
+"""Routing on the device: (m_sizes, gather_indices) from topk_ids without a host sync."""
+
+from __future__ import annotations
+
+import torch
+
+from gg_spec import checks
+
+
+def route(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """m_sizes int32 [E] (rows per expert) and gather_indices int32 [M] (stable argsort of
+    topk_ids.ravel(): the routed row at each expert-order position), on topk_ids' device.
+
+    Out-of-range expert ids are not checked here (that would need a host sync): ids outside
+    [0, num_experts) are dropped from m_sizes, so sum(m_sizes) != M and the GEMMs' value
+    check refuses them."""
+    checks.check_topk_ids(tuple(topk_ids.shape), str(topk_ids.dtype).replace("torch.", ""),
+                          num_experts)
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    m_sizes = torch.zeros(num_experts, dtype=torch.int32, device=topk_ids.device)
+    valid = (flat >= 0) & (flat < num_experts)
+    m_sizes.scatter_add_(0, flat.clamp(0, num_experts - 1),
+                         valid.to(torch.int32))
+    gather_indices = torch.sort(flat, stable=True).indices.to(torch.int32)
+    return m_sizes, gather_indices
