@@ -150,24 +150,29 @@ def default_config(op: str) -> AnyConfig:
     return CONFIG_TYPES[op]()
 
 
+# (block_m, block_n, block_k, num_warps, num_stages) candidates per op: tile shapes that keep
+# Hopper's tensor cores fed (wgmma wants 64-row multiples per warpgroup) at sizes that fit
+# shared memory for 3-4 pipeline stages of bf16 operands.
+_SEARCH = {
+    "forward": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
+                (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)],
+    # dX: block_n is the reduction block, (block_m, block_k) the output tile
+    "dX": [(128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 64, 256, 8, 3),
+           (64, 64, 128, 4, 4), (128, 32, 128, 4, 4), (128, 128, 128, 8, 3),
+           (256, 64, 128, 8, 3), (64, 64, 256, 8, 3)],
+    # dW: block_m is the reduction block, (block_n, block_k) the output tile
+    "dW": [(64, 128, 128, 8, 3), (64, 128, 128, 4, 4), (32, 128, 128, 4, 4),
+           (64, 128, 256, 8, 3), (64, 256, 128, 8, 3), (128, 128, 128, 8, 3),
+           (64, 64, 128, 4, 4), (32, 256, 128, 8, 4)],
+}
+
+
 def search_space(op: str) -> list[AnyConfig]:
     """Candidate configs for autotuning ``op`` (without TMA; see ``tma_variants``)."""
     cls = CONFIG_TYPES[op]
-    out = []
-    if op == "dW":
-        tiles = [(64, 128, 128), (64, 128, 64), (64, 64, 128), (32, 128, 128), (128, 128, 128),
-                 (64, 256, 128), (64, 128, 256)]
-    elif op == "dX":
-        tiles = [(128, 64, 128), (128, 64, 256), (64, 64, 128), (128, 32, 128), (128, 128, 128),
-                 (64, 64, 256)]
-    else:
-        tiles = [(128, 128, 64), (128, 256, 64), (64, 128, 64), (128, 64, 64), (64, 256, 64),
-                 (128, 128, 128)]
-    for bm, bn, bk in tiles:
-        for warps, stages in ((4, 3), (8, 3), (4, 4), (8, 4)):
-            out.append(cls(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-                           num_stages=stages))
-    return out
+    return [cls(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in _SEARCH[op]]
 
 
 def tma_variants(config: AnyConfig) -> list[AnyConfig]:

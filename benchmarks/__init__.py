@@ -1,0 +1,1 @@
+"""GPU benchmarks of triton_gg and pallas_gg against the anchors (ANCHORS.md)."""

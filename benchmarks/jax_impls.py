@@ -1,0 +1,103 @@
+"""The JAX implementations: dense ceiling (XLA), jax.lax.ragged_dot, tokamax (when its
+wheel is importable) and pallas_gg (tuned). Inputs come from the torch tensors via DLPack."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from benchmarks.torch_impls import TorchInputs
+
+JaxBench = tuple[str, str, Callable, tuple]  # (impl, op, jitted fn, args)
+
+
+class JaxInputs:
+    def __init__(self, inp: TorchInputs):
+        import jax
+        import jax.numpy as jnp
+
+        def conv(t):
+            return jax.dlpack.from_dlpack(t.contiguous())
+        self.x_tokens, self.x, self.w = conv(inp.x_tokens), conv(inp.x), conv(inp.w)
+        self.dy, self.dense_b = conv(inp.dy), conv(inp.dense_b)
+        self.m_sizes, self.gather = conv(inp.m_sizes), conv(inp.gather)
+        self.topk_weights = conv(inp.topk_weights)
+        self.topk = inp.topk
+        # ragged_dot and tokamax take rhs [G, K, N]: materialised once, outside the timing
+        self.w_t = jnp.swapaxes(self.w, 1, 2).copy()
+
+
+def dense(j: JaxInputs) -> Iterator[JaxBench]:
+    import jax
+    yield "dense_xla", "fwd", jax.jit(lambda a, b: a @ b), (j.x, j.dense_b)
+
+
+def lax_ragged_dot(j: JaxInputs) -> Iterator[JaxBench]:
+    import jax
+
+    def fwd(x, w_t, sizes):
+        return jax.lax.ragged_dot(x, w_t, sizes)
+
+    def bwd(x, w_t, sizes, dy):
+        _, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, sizes), x, w_t)
+        return vjp(dy)
+    yield "lax_ragged_dot", "fwd", jax.jit(fwd), (j.x, j.w_t, j.m_sizes)
+    yield "lax_ragged_dot", "bwd", jax.jit(bwd), (j.x, j.w_t, j.m_sizes, j.dy)
+
+
+def tokamax(j: JaxInputs) -> Iterator[JaxBench]:
+    try:
+        import tokamax as tk
+    except ImportError:
+        return
+    import jax
+
+    def fwd(x, w_t, sizes):
+        return tk.ragged_dot(x, w_t, sizes, implementation="mosaic")
+
+    def bwd(x, w_t, sizes, dy):
+        _, vjp = jax.vjp(lambda a, b: fwd(a, b, sizes), x, w_t)
+        return vjp(dy)
+    yield "tokamax", "fwd", jax.jit(fwd), (j.x, j.w_t, j.m_sizes)
+    yield "tokamax", "bwd", jax.jit(bwd), (j.x, j.w_t, j.m_sizes, j.dy)
+
+
+def pallas_gg_impls(j: JaxInputs, first_gemm: bool) -> Iterator[JaxBench]:
+    import functools
+
+    import jax
+    import pallas_gg
+
+    topk = j.topk
+    fwd = functools.partial(pallas_gg.grouped_gemm_forward, topk=topk, autotune=True)
+    yield "pallas_gg", "fwd", jax.jit(lambda x, w, ms, g: fwd(x, w, ms, g)), (
+        j.x, j.w, j.m_sizes, j.gather)
+    if first_gemm:
+        yield "pallas_gg_permute_x", "fwd", jax.jit(
+            lambda x, w, ms, g: fwd(x, w, ms, g, permute_x=True)), (
+            j.x_tokens, j.w, j.m_sizes, j.gather)
+    else:
+        yield "pallas_gg_permute_y", "fwd", jax.jit(
+            lambda x, w, ms, g: fwd(x, w, ms, g, permute_y=True)), (
+            j.x, j.w, j.m_sizes, j.gather)
+    yield "pallas_gg", "dX", jax.jit(lambda dy, w, ms, g: pallas_gg.grouped_gemm_dX(
+        dy, w, ms, g, topk, autotune=True)), (j.dy, j.w, j.m_sizes, j.gather)
+    yield "pallas_gg", "dW", jax.jit(lambda x, dy, ms, g: pallas_gg.grouped_gemm_dW(
+        x, dy, ms, g, topk, autotune=True)), (j.x, j.dy, j.m_sizes, j.gather)
+
+    def bwd(x, w, ms, g, dy):
+        _, vjp = jax.vjp(lambda a, b: pallas_gg.grouped_gemm(a, b, ms, g, topk, autotune=True),
+                         x, w)
+        return vjp(dy)
+    yield "pallas_gg", "bwd", jax.jit(bwd), (j.x, j.w, j.m_sizes, j.gather, j.dy)
+
+
+def all_jax(inp: TorchInputs, first_gemm: bool, impls: set[str]) -> Iterator[JaxBench]:
+    j = JaxInputs(inp)
+    if "dense_xla" in impls:
+        yield from dense(j)
+    if "lax_ragged_dot" in impls:
+        yield from lax_ragged_dot(j)
+    if "tokamax" in impls:
+        yield from tokamax(j)
+    if "pallas_gg" in impls:
+        yield from pallas_gg_impls(j, first_gemm)

@@ -1,0 +1,80 @@
+"""The PyTorch implementations: dense ceiling, torch._grouped_mm, triton_gg (tuned)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from benchmarks.problems import Problem, draw
+
+Bench = tuple[str, str, Callable[[], object]]  # (impl, op, call)
+
+
+class TorchInputs:
+    def __init__(self, problem: Problem):
+        r = problem.routing
+        self.x_tokens = draw(problem, "x_tokens")
+        self.x = draw(problem, "x")
+        self.w = draw(problem, "w")
+        self.dy = draw(problem, "dy")
+        self.dense_b = draw(problem, "dense_b")
+        self.m_sizes = torch.from_numpy(r.m_sizes).cuda()
+        self.gather = torch.from_numpy(r.gather_indices).cuda()
+        self.topk_weights = torch.from_numpy(r.topk_weights).cuda().to(torch.bfloat16)
+        self.offs = torch.cumsum(self.m_sizes, 0).to(torch.int32)
+        self.topk = problem.shape.topk
+
+
+def _backward_call(make_out: Callable[[], torch.Tensor], inputs: tuple, dy: torch.Tensor):
+    """Time only the backward: the graph is built once and kept."""
+    out = make_out()
+    return lambda: torch.autograd.grad(out, inputs, dy, retain_graph=True)
+
+
+def dense(inp: TorchInputs) -> Iterator[Bench]:
+    yield "dense", "fwd", lambda: torch.mm(inp.x, inp.dense_b)
+
+
+def torch_grouped_mm(inp: TorchInputs) -> Iterator[Bench]:
+    if not hasattr(torch, "_grouped_mm"):
+        return
+    w_t = inp.w.transpose(1, 2)  # [E, K, N] view, as a user of _grouped_mm would pass it
+    yield "torch_grouped_mm", "fwd", lambda: torch._grouped_mm(inp.x, w_t, offs=inp.offs)
+    x = inp.x.detach().requires_grad_(True)
+    w = inp.w.detach().requires_grad_(True)
+    yield "torch_grouped_mm", "bwd", _backward_call(
+        lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=inp.offs), (x, w), inp.dy)
+
+
+def triton_gg_impls(inp: TorchInputs, first_gemm: bool) -> Iterator[Bench]:
+    import triton_gg
+    routing = (inp.m_sizes, inp.gather, inp.topk)
+    yield "triton_gg", "fwd", lambda: triton_gg.grouped_gemm_forward(
+        inp.x, inp.w, *routing, autotune=True)
+    if first_gemm:
+        yield "triton_gg_permute_x", "fwd", lambda: triton_gg.grouped_gemm_forward(
+            inp.x_tokens, inp.w, *routing, permute_x=True, autotune=True)
+    else:
+        yield "triton_gg_permute_y", "fwd", lambda: triton_gg.grouped_gemm_forward(
+            inp.x, inp.w, *routing, permute_y=True, autotune=True)
+    yield "triton_gg", "dX", lambda: triton_gg.grouped_gemm_dX(inp.dy, inp.w, *routing,
+                                                               autotune=True)
+    yield "triton_gg", "dW", lambda: triton_gg.grouped_gemm_dW(inp.x, inp.dy, *routing,
+                                                               autotune=True)
+    x = inp.x.detach().requires_grad_(True)
+    w = inp.w.detach().requires_grad_(True)
+    yield "triton_gg", "bwd", _backward_call(
+        lambda: triton_gg.grouped_gemm(x, w, *routing, autotune=True), (x, w), inp.dy)
+
+
+def all_torch(problem: Problem, impls: set[str]) -> Iterator[Bench]:
+    inp = TorchInputs(problem)
+    if "dense" in impls:
+        yield from dense(inp)
+    if "torch_grouped_mm" in impls:
+        yield from torch_grouped_mm(inp)
+    if impls & {"triton_gg", "triton_gg_permute_x", "triton_gg_permute_y"}:
+        for bench in triton_gg_impls(inp, problem.shape.is_first_gemm):
+            if bench[0] in impls or bench[0].startswith("triton_gg") and "triton_gg" in impls:
+                yield bench

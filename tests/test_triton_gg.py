@@ -1,0 +1,400 @@
+"""triton_gg against the float64 reference: the seed's matrix on CPU (Triton interpreter),
+edge cases, validation, torch.compile, gradcheck; real model shapes under `-m gpu`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gg_spec
+from gg_spec import reference as ref
+from gg_spec.cases import Case, cpu_cases, edge_cases, gpu_cases, make_inputs
+
+triton_gg = pytest.importorskip("triton_gg")
+from triton_gg import reference as tref  # noqa: E402
+
+SMALL_FWD = gg_spec.ForwardConfig(block_m=16, block_n=16, block_k=16, num_warps=4,
+                                  num_stages=2)
+SMALL_DX = gg_spec.DXConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2)
+SMALL_DW = gg_spec.DWConfig(block_m=16, block_n=32, block_k=16, num_warps=4, num_stages=2)
+POISON = float("nan")
+
+
+class Inputs:
+    """One case's inputs as torch tensors on `device`.
+
+    On CPU they are gg_spec's numpy inputs; on a GPU (real model shapes, where host RNG and
+    float64 numpy would take minutes) they are drawn on the device with a seeded generator.
+    Either way: fresh random values, never zeros, already in the case's dtype."""
+
+    def __init__(self, case: Case, device="cpu"):
+        self.case = case
+        dt = getattr(torch, case.dtype)
+        if device == "cpu":
+            d = make_inputs(case)
+        else:
+            rng = np.random.default_rng(case.seed)
+            s = case.shape
+            r = gg_spec.make_routing(case.routing, case.tokens, s.num_experts, s.topk, rng)
+            gen = torch.Generator(device=device).manual_seed(case.seed)
+            m = case.tokens * s.topk
+            x_rows = case.tokens if case.fusion.permute_x else m
+
+            def randn(*shape, scale=1.0):
+                return torch.randn(shape, generator=gen, device=device, dtype=dt) * scale
+            d = dict(x=randn(x_rows, s.k), w=randn(s.num_experts, s.n, s.k, scale=s.k ** -0.5),
+                     dy=randn(m, s.n), topk_weights=r.topk_weights, m_sizes=r.m_sizes,
+                     gather_indices=r.gather_indices)
+
+        def t(a, dtype=dt):
+            if isinstance(a, torch.Tensor):
+                return a.to(dtype)
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+        self.x, self.w, self.dy = t(d["x"]), t(d["w"]), t(d["dy"])
+        self.topk_weights = t(d["topk_weights"])
+        self.m_sizes = t(d["m_sizes"], torch.int32)
+        self.gather = t(d["gather_indices"], torch.int32)
+        f = case.fusion
+        self.flags = dict(permute_x=f.permute_x, permute_y=f.permute_y)
+        self.fwd_flags = dict(self.flags, topk_weights=self.topk_weights,
+                              fuse_mul_post=f.fuse_mul_post)
+        self.routing = (self.m_sizes, self.gather, case.topk)
+
+
+def assert_close(out: torch.Tensor, expected: torch.Tensor, dtype: str, what: str):
+    """rel error ||out - ref|| / ||ref|| within gg_spec's tolerance; NaN (unwritten) fails."""
+    assert tuple(out.shape) == tuple(expected.shape), (what, tuple(out.shape), expected.shape)
+    got = out.detach().double()
+    assert bool(torch.isfinite(got).all()), f"{what}: non-finite values (unwritten rows?)"
+    norm = torch.linalg.vector_norm(expected)
+    diff = torch.linalg.vector_norm(got - expected)
+    err = float(diff / norm) if norm > 0 else float(diff)
+    assert err <= gg_spec.tolerance(dtype), f"{what}: rel error {err:.3e} ({dtype})"
+
+
+def run_direct(inp: Inputs, op: str, mode: str):
+    """Direct kernel call of `op`; mode "manual" (small configs), "default" or "autotune"."""
+    manual, tune = mode == "manual", mode == "autotune"
+    if op == "forward":
+        return triton_gg.grouped_gemm_forward(inp.x, inp.w, *inp.routing, **inp.fwd_flags,
+                                              config=SMALL_FWD if manual else None,
+                                              autotune=tune)
+    if op == "dX":
+        return triton_gg.grouped_gemm_dX(inp.dy, inp.w, *inp.routing, **inp.flags,
+                                         config=SMALL_DX if manual else None, autotune=tune)
+    return triton_gg.grouped_gemm_dW(inp.x, inp.dy, *inp.routing, **inp.flags,
+                                     config=SMALL_DW if manual else None, autotune=tune)
+
+
+def expected_direct(inp: Inputs, op: str):
+    """float64 reference (triton_gg.reference, checked against gg_spec's numpy one)."""
+    if op == "forward":
+        return tref.forward(inp.x, inp.w, *inp.routing, **inp.fwd_flags)
+    if op == "dX":
+        return tref.dX(inp.dy, inp.w, *inp.routing, **inp.flags)
+    return tref.dW(inp.x, inp.dy, *inp.routing, **inp.flags)
+
+
+def check_autograd(inp: Inputs, mode: str):
+    """grouped_gemm's output and every gradient against the reference."""
+    case = inp.case
+    x = inp.x.clone().requires_grad_(True)
+    w = inp.w.clone().requires_grad_(True)
+    tw = inp.topk_weights.clone().requires_grad_(case.fusion.fuse_mul_post)
+    configs = {"manual": dict(forward_config=SMALL_FWD, dx_config=SMALL_DX,
+                              dw_config=SMALL_DW),
+               "default": {}, "autotune": dict(autotune=True)}[mode]
+    y = triton_gg.grouped_gemm(x, w, *inp.routing, **dict(inp.fwd_flags, topk_weights=tw),
+                               **configs)
+    assert_close(y, expected_direct(inp, "forward"), case.dtype, "Y")
+    y.backward(inp.dy)
+    dx, dw, dtw = tref.grouped_gemm_grads(inp.x, inp.w, *inp.routing, inp.dy, **inp.fwd_flags)
+    assert_close(x.grad, dx, case.dtype, "grad X")
+    assert_close(w.grad, dw, case.dtype, "grad W")
+    if case.fusion.fuse_mul_post:
+        assert_close(tw.grad, dtw, case.dtype, "grad topk_weights")
+
+
+@pytest.mark.parametrize("case", cpu_cases(("float32",)) + edge_cases(), ids=lambda c: c.id)
+def test_torch_reference_matches_gg_spec(case):
+    """The torch float64 reference these tests use is gg_spec's numpy reference."""
+    d = make_inputs(case)
+    inp = Inputs(case)
+    f = case.fusion
+    routing = (d["m_sizes"], d["gather_indices"], case.topk)
+    flags = dict(permute_x=f.permute_x, permute_y=f.permute_y)
+    pairs = [
+        (expected_direct(inp, "forward"),
+         ref.forward(d["x"], d["w"], *routing, **flags, topk_weights=d["topk_weights"],
+                     fuse_mul_post=f.fuse_mul_post)),
+        (expected_direct(inp, "dX"), ref.dX(d["dy"], d["w"], *routing, **flags)),
+        (expected_direct(inp, "dW"), ref.dW(d["x"], d["dy"], *routing, **flags)),
+    ]
+    grads_t = tref.grouped_gemm_grads(inp.x, inp.w, *inp.routing, inp.dy, **inp.fwd_flags)
+    grads_n = ref.grouped_gemm_grads(d["x"], d["w"], *routing, d["dy"], **flags,
+                                     topk_weights=d["topk_weights"],
+                                     fuse_mul_post=f.fuse_mul_post)
+    pairs += [(a, b) for a, b in zip(grads_t, grads_n) if b is not None]
+    for ours, truth in pairs:
+        np.testing.assert_allclose(ours.numpy(), truth, rtol=1e-10, atol=1e-10)
+
+
+# -------------------------------------------------------------------- the seed's matrix, CPU
+
+MATRIX = cpu_cases()
+
+
+@pytest.mark.parametrize("mode", ["manual", "autotune"])
+@pytest.mark.parametrize("op", ["forward", "dX", "dW"])
+@pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.id)
+def test_direct(case, op, mode):
+    inp = Inputs(case)
+    assert_close(run_direct(inp, op, mode), expected_direct(inp, op), case.dtype, op)
+
+
+@pytest.mark.parametrize("mode", ["manual", "autotune"])
+@pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.id)
+def test_autograd(case, mode):
+    check_autograd(Inputs(case), mode)
+
+
+@pytest.mark.parametrize("case", edge_cases(), ids=lambda c: c.id)
+def test_edge_cases(case):
+    inp = Inputs(case)
+    for op in ("forward", "dX", "dW"):
+        out = run_direct(inp, op, "manual")
+        assert_close(out, expected_direct(inp, op), case.dtype, op)
+        if op == "dW":
+            assert torch.all(out[inp.m_sizes == 0] == 0), "dW of an empty expert"
+    check_autograd(inp, "manual")
+
+
+# -------------------------------------------------------------------- unwritten rows fail
+
+def test_poisoned_output_is_fully_overwritten(monkeypatch):
+    """Outputs start as NaN: a kernel that skips any row or column leaves NaN behind."""
+    case = Case(gg_spec.get_shape("tiny_odd_w2"), 13, "float32", "empty_experts",
+                gg_spec.cases.Fusion(permute_y=True))
+    inp = Inputs(case)
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(POISON)
+        return out
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    for op in ("forward", "dX", "dW"):
+        out = run_direct(inp, op, "manual")
+        assert_close(out, expected_direct(inp, op), "float32", op)
+
+
+def test_poison_detects_a_skipped_tile(monkeypatch):
+    """The poison check can fail: a launcher that drops the last tile leaves NaN rows."""
+    from triton_gg.kernels import forward as fwd
+    case = Case(gg_spec.get_shape("tiny_w1"), 24, "float32", "random")
+    inp = Inputs(case)
+    real_launch = fwd.launch_forward
+
+    def launch_missing_last_expert(x, w, m_sizes, *args, **kwargs):
+        sizes = m_sizes.clone()
+        sizes[-1] = 0  # the kernel never sees the last expert's rows
+        return real_launch(x, w, sizes, *args, **kwargs)
+    monkeypatch.setattr("triton_gg._ops.launch_forward", launch_missing_last_expert)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(POISON)
+                        if k.get("dtype", None) in (torch.float32,) else real_empty(*a, **k))
+    y = run_direct(inp, "forward", "manual")
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_close(y, expected_direct(inp, "forward"), "float32", "Y")
+
+
+# -------------------------------------------------------------------- validation
+
+def _plain_inputs():
+    inp = Inputs(Case(gg_spec.get_shape("tiny_w1"), 8, "float32", "random"))
+    return inp
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda i: dict(X=i.x[:, :-1]), r"X has K=63"),
+    (lambda i: dict(X=i.x[None]), r"X must be 2-D"),
+    (lambda i: dict(W=i.w[0]), r"W must be 3-D"),
+    (lambda i: dict(W=i.w.double()), r"dtype"),
+    (lambda i: dict(m_sizes=i.m_sizes[:-1]), r"m_sizes has 3 entries"),
+    (lambda i: dict(m_sizes=i.m_sizes + 1), r"sum\(m_sizes\)=20"),
+    (lambda i: dict(gather_indices=i.gather + 100, permute_y=True), r"gather_indices must lie"),
+    (lambda i: dict(gather_indices=i.gather[:-1], permute_y=True), r"gather_indices has 15"),
+    (lambda i: dict(permute_x=True, permute_y=True), r"cannot both"),
+    (lambda i: dict(fuse_mul_post=True, topk_weights=None), r"topk_weights is required"),
+    (lambda i: dict(config=gg_spec.ForwardConfig(tma_store_y=True), permute_y=True),
+     r"tma_store_y"),
+    (lambda i: dict(config=gg_spec.DXConfig()), r"ForwardConfig"),
+    (lambda i: dict(topk=0), r"topk must be a positive int"),
+])
+def test_forward_validation(mutate, match):
+    inp = _plain_inputs()
+    args = dict(X=inp.x, W=inp.w, m_sizes=inp.m_sizes, gather_indices=inp.gather,
+                topk=inp.case.topk)
+    args.update(mutate(inp))
+    with pytest.raises(ValueError, match=match):
+        triton_gg.grouped_gemm_forward(**args)
+    with pytest.raises(ValueError, match=match):
+        triton_gg.grouped_gemm(**{k: v for k, v in args.items() if k != "config"},
+                               **({"forward_config": args["config"]} if "config" in args
+                                  else {}))
+
+
+def test_dx_dw_validation():
+    inp = _plain_inputs()
+    with pytest.raises(ValueError, match=r"dY has N=95"):
+        triton_gg.grouped_gemm_dX(inp.dy[:, :-1], inp.w, *inp.routing)
+    with pytest.raises(ValueError, match=r"X has 15 rows"):
+        triton_gg.grouped_gemm_dW(inp.x[:-1], inp.dy, *inp.routing)
+    with pytest.raises(ValueError, match=r"tma_load_dy"):
+        triton_gg.grouped_gemm_dX(inp.dy, inp.w, *inp.routing, permute_y=True,
+                                  config=gg_spec.DXConfig(tma_load_dy=True))
+    with pytest.raises(ValueError, match=r"gather_indices is required"):
+        triton_gg.grouped_gemm_dW(inp.x, inp.dy, inp.m_sizes, None, 2, permute_y=True)
+
+
+def test_value_checks_can_be_turned_off():
+    inp = _plain_inputs()
+    previous = triton_gg.set_value_checks(False)
+    try:  # shape checks still run; the value check is skipped (no device read)
+        with pytest.raises(ValueError, match="X has K"):
+            triton_gg.grouped_gemm_forward(inp.x[:, :-1], inp.w, *inp.routing)
+        triton_gg.grouped_gemm_forward(inp.x, inp.w, inp.m_sizes, inp.gather, 2)
+    finally:
+        triton_gg.set_value_checks(previous)
+
+
+# -------------------------------------------------------------------- routing, grouped_mm
+
+@pytest.mark.parametrize("kind", gg_spec.ROUTING_KINDS)
+def test_route_matches_spec(kind, rng):
+    ids = gg_spec.make_topk_ids(kind, 33, 8, 2, rng)
+    m_sizes, gather = triton_gg.route(torch.from_numpy(ids), 8)
+    m_ref, g_ref = gg_spec.route(ids, 8)
+    assert m_sizes.dtype == gather.dtype == torch.int32
+    np.testing.assert_array_equal(m_sizes.numpy(), m_ref)
+    np.testing.assert_array_equal(gather.numpy(), g_ref)
+
+
+def test_grouped_mm_matches_torch_reference(rng):
+    e, k, n = 4, 24, 40
+    sizes = np.array([5, 0, 9, 3])
+    a = torch.from_numpy(rng.standard_normal((sizes.sum(), k)).astype(np.float32))
+    weights = torch.from_numpy(rng.standard_normal((e, n, k)).astype(np.float32))
+    b = weights.transpose(1, 2).requires_grad_(True)  # [E, K, N] strided view: not copied
+    a.requires_grad_(True)
+    offs = torch.from_numpy(np.cumsum(sizes).astype(np.int32))
+    out = triton_gg.grouped_mm(a, b, offs)
+    pieces = torch.split(a, sizes.tolist())
+    expected = torch.cat([p @ b[i] for i, p in enumerate(pieces)])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    da, db = torch.autograd.grad(out, (a, b), g)
+    ea, eb = torch.autograd.grad(expected, (a, b), g)
+    torch.testing.assert_close(da, ea, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, eb, rtol=1e-5, atol=1e-5)
+    assert torch.all(db[1] == 0)
+    with pytest.raises(ValueError, match=r"sum\(m_sizes\)"):
+        triton_gg.grouped_mm(a, b, offs - 1)
+
+
+# -------------------------------------------------------------------- gradcheck, compile
+
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")
+def test_gradcheck_fp64_via_fp32_kernels():
+    """torch.autograd.gradcheck on a tiny fp32 case (the kernels do not take fp64), with
+    tolerances sized for fp32 rounding in the finite differences."""
+    shape = gg_spec.GemmShape("gradcheck", num_experts=3, n=6, k=5, topk=2,
+                              is_first_gemm=False)
+    case = Case(shape, 3, "float32", "random",
+                gg_spec.cases.Fusion(permute_y=True, fuse_mul_post=True))
+    inp = Inputs(case)
+    x = inp.x.clone().requires_grad_(True)
+    w = inp.w.clone().requires_grad_(True)
+    tw = inp.topk_weights.clone().requires_grad_(True)
+
+    def fn(x, w, tw):
+        return triton_gg.grouped_gemm(x, w, *inp.routing, permute_y=True, topk_weights=tw,
+                                      fuse_mul_post=True, forward_config=SMALL_FWD,
+                                      dx_config=SMALL_DX, dw_config=SMALL_DW)
+    assert torch.autograd.gradcheck(fn, (x, w, tw), eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    case = Case(gg_spec.get_shape("tiny_w1"), 8, "float32", "random",
+                gg_spec.cases.Fusion(permute_x=True))
+    inp = Inputs(case)
+
+    def step(x, w, m_sizes, gather):
+        y = triton_gg.grouped_gemm(x, w, m_sizes, gather, 2, permute_x=True,
+                                   forward_config=SMALL_FWD, dx_config=SMALL_DX,
+                                   dw_config=SMALL_DW)
+        return (y * inp.dy).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = inp.x.clone().requires_grad_(True)
+    w = inp.w.clone().requires_grad_(True)
+    loss = compiled(x, w, inp.m_sizes, inp.gather)
+    loss.backward()
+    dx, dw, _ = tref.grouped_gemm_grads(inp.x, inp.w, *inp.routing, inp.dy, permute_x=True)
+    assert_close(x.grad, dx, "float32", "compiled grad X")
+    assert_close(w.grad, dw, "float32", "compiled grad W")
+
+
+# -------------------------------------------------------------------- autotune cache
+
+def test_autotune_picks_fastest_and_caches_on_disk(tmp_path, monkeypatch):
+    from gg_spec import tuning_cache
+    from triton_gg import autotune
+    monkeypatch.setenv("GG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_memory", {})
+    candidates = gg_spec.valid_candidates("dW")
+    target = candidates[3]
+    timer = lambda fn: 1.0 if fn() == target else 2.0  # noqa: E731
+    key = "dW|test-key"
+    best = autotune.tune("dW", key, run_with=lambda cfg: cfg, timer=timer)
+    assert best == target
+    assert tuning_cache.load("triton", key) == target
+    monkeypatch.setattr(autotune, "_memory", {})  # a "second process": read from disk
+    assert autotune.cached(key) == target
+
+
+# -------------------------------------------------------------------- GPU, real shapes
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["forward", "dX", "dW"])
+@pytest.mark.parametrize("case", gpu_cases(), ids=lambda c: c.id)
+def test_gpu_direct(case, op):
+    inp = Inputs(case, device="cuda")
+    out = run_direct(inp, op, "default")
+    assert_close(out, expected_direct(inp, op), case.dtype, op)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", gpu_cases(), ids=lambda c: c.id)
+def test_gpu_autograd(case):
+    check_autograd(Inputs(case, device="cuda"), "default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in gpu_cases((1024,)) if c.fusion.name in
+                                  ("permute_x", "permute_y+mul")][:2], ids=lambda c: c.id)
+def test_gpu_autotune(case, tmp_path, monkeypatch):
+    """Tuning on the GPU (times the search space), then the tuned configs are right."""
+    monkeypatch.setenv("GG_CACHE_DIR", str(tmp_path))
+    check_autograd(Inputs(case, device="cuda"), "autotune")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    case = gpu_cases()[0]
+    inp = Inputs(case, device="cuda")
+    a = run_direct(inp, "dW", "default")
+    b = run_direct(inp, "dW", "default")
+    assert torch.equal(a, b)
