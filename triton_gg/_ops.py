@@ -8,6 +8,7 @@ Arguments reaching these ops are already validated by the public functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -17,8 +18,14 @@ from triton_gg.kernels.dx import launch_dx
 from triton_gg.kernels.forward import launch_forward
 
 
+@functools.lru_cache(maxsize=256)
+def _encode(config) -> tuple[int, ...]:
+    return tuple(int(getattr(config, f.name)) for f in dataclasses.fields(config))
+
+
 def encode(config) -> list[int]:
-    return [int(getattr(config, f.name)) for f in dataclasses.fields(config)]
+    """A config as the int list the op schema carries."""
+    return list(_encode(config))
 
 
 def _decoder(cls):
@@ -46,13 +53,9 @@ def _rows_out(x, gather, permute_x):
 
 # ---------------------------------------------------------------------------- forward
 
-@torch.library.custom_op("triton_gg::forward", mutates_args=())
-def forward_op(x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
-               gather_indices: torch.Tensor | None, topk_weights: torch.Tensor | None,
-               topk: int, permute_x: bool, permute_y: bool, fuse_mul_post: bool,
-               store_unweighted: bool, forward_config: list[int], dx_config: list[int],
-               dw_config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y [M, N], Y_unweighted [M, N] or [0, N]). dx/dw configs ride along for backward."""
+def forward_impl(x, w, m_sizes, gather_indices, topk_weights, topk, permute_x, permute_y,
+                 fuse_mul_post, store_unweighted, forward_config):
+    """Allocate and launch: (Y [M, N], Y_unweighted [M, N] or [0, N])."""
     m, n = _rows_out(x, gather_indices, permute_x), w.shape[1]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     store_unweighted = store_unweighted and fuse_mul_post
@@ -66,6 +69,17 @@ def forward_op(x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
     return y, y_unweighted
 
 
+@torch.library.custom_op("triton_gg::forward", mutates_args=())
+def forward_op(x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
+               gather_indices: torch.Tensor | None, topk_weights: torch.Tensor | None,
+               topk: int, permute_x: bool, permute_y: bool, fuse_mul_post: bool,
+               store_unweighted: bool, forward_config: list[int], dx_config: list[int],
+               dw_config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y [M, N], Y_unweighted [M, N] or [0, N]). dx/dw configs ride along for backward."""
+    return forward_impl(x, w, m_sizes, gather_indices, topk_weights, topk, permute_x,
+                        permute_y, fuse_mul_post, store_unweighted, forward_config)
+
+
 @forward_op.register_fake
 def _(x, w, m_sizes, gather_indices, topk_weights, topk, permute_x, permute_y, fuse_mul_post,
       store_unweighted, forward_config, dx_config, dw_config):
@@ -76,11 +90,8 @@ def _(x, w, m_sizes, gather_indices, topk_weights, topk, permute_x, permute_y, f
 
 # ---------------------------------------------------------------------------- dX, dW
 
-@torch.library.custom_op("triton_gg::dx", mutates_args=())
-def dx_op(dy: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
-          gather_indices: torch.Tensor | None, topk: int, permute_x: bool, permute_y: bool,
-          config: list[int]) -> torch.Tensor:
-    """dX [M, K] (routed-row order with permute_x)."""
+def dx_impl(dy, w, m_sizes, gather_indices, topk, permute_x, permute_y, config):
+    """Allocate and launch: dX [M, K] (routed-row order with permute_x)."""
     dx = torch.empty((dy.shape[0], w.shape[2]), dtype=dy.dtype, device=dy.device)
     launch_dx(dy.contiguous(), w, m_sizes.contiguous(),
               None if gather_indices is None else gather_indices.contiguous(), dx,
@@ -88,16 +99,22 @@ def dx_op(dy: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
     return dx
 
 
+@torch.library.custom_op("triton_gg::dx", mutates_args=())
+def dx_op(dy: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
+          gather_indices: torch.Tensor | None, topk: int, permute_x: bool, permute_y: bool,
+          config: list[int]) -> torch.Tensor:
+    """dX [M, K] (routed-row order with permute_x)."""
+    return dx_impl(dy, w, m_sizes, gather_indices, topk, permute_x, permute_y, config)
+
+
 @dx_op.register_fake
 def _(dy, w, m_sizes, gather_indices, topk, permute_x, permute_y, config):
     return dy.new_empty((dy.shape[0], w.shape[2]))
 
 
-@torch.library.custom_op("triton_gg::dw", mutates_args=())
-def dw_op(x: torch.Tensor, dy: torch.Tensor, m_sizes: torch.Tensor,
-          gather_indices: torch.Tensor | None, topk: int, permute_x: bool, permute_y: bool,
-          config: list[int], transpose_out: bool) -> torch.Tensor:
-    """dW [E, N, K], or [E, K, N] with transpose_out (grouped_mm's weight layout)."""
+def dw_impl(x, dy, m_sizes, gather_indices, topk, permute_x, permute_y, config,
+            transpose_out):
+    """Allocate and launch: dW [E, N, K], or [E, K, N] with transpose_out."""
     e, n, k = m_sizes.shape[0], dy.shape[1], x.shape[1]
     if transpose_out:
         out = torch.empty((e, k, n), dtype=x.dtype, device=x.device)
@@ -108,6 +125,33 @@ def dw_op(x: torch.Tensor, dy: torch.Tensor, m_sizes: torch.Tensor,
               None if gather_indices is None else gather_indices.contiguous(), target,
               topk=topk, permute_x=permute_x, permute_y=permute_y, config=decode_dw(config))
     return out
+
+
+@torch.library.custom_op("triton_gg::dw", mutates_args=())
+def dw_op(x: torch.Tensor, dy: torch.Tensor, m_sizes: torch.Tensor,
+          gather_indices: torch.Tensor | None, topk: int, permute_x: bool, permute_y: bool,
+          config: list[int], transpose_out: bool) -> torch.Tensor:
+    """dW [E, N, K], or [E, K, N] with transpose_out (grouped_mm's weight layout)."""
+    return dw_impl(x, dy, m_sizes, gather_indices, topk, permute_x, permute_y, config,
+                   transpose_out)
+
+
+# Eager calls skip the custom-op dispatcher (tens of microseconds a call, which shows next to
+# kernels of a few hundred); under torch.compile the registered ops are what gets traced.
+
+def dx(*args):
+    return dx_op(*args) if torch.compiler.is_compiling() else dx_impl(*args)
+
+
+def dw(*args):
+    return dw_op(*args) if torch.compiler.is_compiling() else dw_impl(*args)
+
+
+def forward(*args):
+    """Non-differentiable forward: (Y, Y_unweighted); args as forward_op's."""
+    if torch.compiler.is_compiling():
+        return forward_op(*args)
+    return forward_impl(*args[:10], args[10])
 
 
 @dw_op.register_fake
@@ -130,7 +174,9 @@ def _setup_context(ctx, inputs, output):
                           y_unweighted if store_unweighted else None)
 
 
-def _backward(ctx, grad_y, _grad_y_unweighted):
+def _backward(ctx, grad_y, _grad_y_unweighted, *, run_dx=dx_op, run_dw=dw_op):
+    """Gradients of forward_op. The registered (traceable) backward runs the custom ops;
+    the eager autograd.Function passes the plain implementations."""
     x, w, m_sizes, gather, topk_weights, y_unweighted = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_weights = ctx.fuse_mul_post and ctx.needs_input_grad[4]
@@ -150,19 +196,40 @@ def _backward(ctx, grad_y, _grad_y_unweighted):
                 d_weights = torch.zeros_like(topk_weights).index_copy(
                     0, gather.long(), per_row.to(topk_weights.dtype))
         dy = (dy.float() * row_scale.float()[:, None]).to(dy.dtype)
-    dx = dw = None
+    d_x = d_w = None
     if need_x:
-        dx = dx_op(dy, w, m_sizes, gather, ctx.topk, ctx.permute_x, ctx.permute_y,
-                   ctx.dx_config)
+        d_x = run_dx(dy, w, m_sizes, gather, ctx.topk, ctx.permute_x, ctx.permute_y,
+                     ctx.dx_config)
         if ctx.permute_x:  # sum the k routed copies of each token
-            dx = dx.view(ctx.tokens, ctx.topk, dx.shape[1]).sum(dim=1)
+            d_x = d_x.view(ctx.tokens, ctx.topk, d_x.shape[1]).sum(dim=1)
     if need_w:
-        dw = dw_op(x, dy, m_sizes, gather, ctx.topk, ctx.permute_x, ctx.permute_y,
-                   ctx.dw_config, False)
-    return (dx, dw, None, None, d_weights) + (None,) * 8
+        d_w = run_dw(x, dy, m_sizes, gather, ctx.topk, ctx.permute_x, ctx.permute_y,
+                     ctx.dw_config, False)
+    return (d_x, d_w, None, None, d_weights) + (None,) * 8
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerGroupedGemm(torch.autograd.Function):
+    """The same op and backward for eager mode, without the custom-op dispatcher."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, y_unweighted = forward_impl(*inputs[:11])
+        _setup_context(ctx, inputs, (y, y_unweighted))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _backward(ctx, grad_y, None, run_dx=dx_impl, run_dw=dw_impl)
+
+
+def grouped_gemm(*inputs) -> torch.Tensor:
+    """Differentiable Y; inputs as forward_op's."""
+    if torch.compiler.is_compiling():
+        return forward_op(*inputs)[0]
+    return _EagerGroupedGemm.apply(*inputs)
 
 
 # grouped_mm: out = a @ b[e] on row groups, b [E, K, N]; our W is b viewed as [E, N, K].
@@ -192,7 +259,8 @@ def _mm_backward(ctx, grad_out):
     grad_out = grad_out.contiguous()
     da = db = None
     if ctx.needs_input_grad[0]:
-        da = dx_op(grad_out, b.transpose(1, 2), m_sizes, None, 1, False, False, ctx.dx_config)
+        da = dx_op(grad_out, b.transpose(1, 2), m_sizes, None, 1, False, False,
+                   ctx.dx_config)
     if ctx.needs_input_grad[1]:
         db = dw_op(a, grad_out, m_sizes, None, 1, False, False, ctx.dw_config, True)
     return da, db, None, None, None, None

@@ -14,13 +14,15 @@ from gg_spec import DWConfig, DXConfig, ForwardConfig, default_config
 from triton_gg import _ops, autotune
 from triton_gg import _validate as v
 
+# forward-only calls carry no backward configs
+_NO_CONFIG = _ops.encode(DXConfig())
+
 
 def _forward_config(config, autotune_on, dims, x, w, m_sizes, gather, topk, permute_x,
                     permute_y, topk_weights, fuse_mul_post):
     def run(cfg):
-        return _ops.forward_op(x, w, m_sizes, gather, topk_weights, topk, permute_x, permute_y,
-                               fuse_mul_post, False, _ops.encode(cfg),
-                               _ops.encode(DXConfig()), _ops.encode(DWConfig()))
+        return _ops.forward_impl(x, w, m_sizes, gather, topk_weights, topk, permute_x,
+                                 permute_y, fuse_mul_post, False, _ops.encode(cfg))
     return autotune.choose(
         "forward", config, autotune_on,
         lambda: autotune.key_for("forward", dims, x.dtype, x.device, permute_x=permute_x,
@@ -30,7 +32,8 @@ def _forward_config(config, autotune_on, dims, x, w, m_sizes, gather, topk, perm
 
 def _dx_config(config, autotune_on, dims, dy, w, m_sizes, gather, topk, permute_x, permute_y):
     def run(cfg):
-        return _ops.dx_op(dy, w, m_sizes, gather, topk, permute_x, permute_y, _ops.encode(cfg))
+        return _ops.dx_impl(dy, w, m_sizes, gather, topk, permute_x, permute_y,
+                            _ops.encode(cfg))
     return autotune.choose(
         "dX", config, autotune_on,
         lambda: autotune.key_for("dX", dims, dy.dtype, dy.device, permute_x=permute_x,
@@ -40,8 +43,8 @@ def _dx_config(config, autotune_on, dims, dy, w, m_sizes, gather, topk, permute_
 
 def _dw_config(config, autotune_on, dims, x, dy, m_sizes, gather, topk, permute_x, permute_y):
     def run(cfg):
-        return _ops.dw_op(x, dy, m_sizes, gather, topk, permute_x, permute_y, _ops.encode(cfg),
-                          False)
+        return _ops.dw_impl(x, dy, m_sizes, gather, topk, permute_x, permute_y,
+                            _ops.encode(cfg), False)
     return autotune.choose(
         "dW", config, autotune_on,
         lambda: autotune.key_for("dW", dims, x.dtype, x.device, permute_x=permute_x,
@@ -67,9 +70,9 @@ def grouped_gemm_forward(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor
                            fuse_mul_post=fuse_mul_post, config=config)
     config = _forward_config(config, autotune, dims, X, W, m_sizes, gather_indices, topk,
                              permute_x, permute_y, topk_weights, fuse_mul_post)
-    y, _ = _ops.forward_op(X, W, m_sizes, gather_indices, topk_weights, topk, permute_x,
-                           permute_y, fuse_mul_post, False, _ops.encode(config),
-                           _ops.encode(DXConfig()), _ops.encode(DWConfig()))
+    y, _ = _ops.forward(X, W, m_sizes, gather_indices, topk_weights, topk, permute_x,
+                        permute_y, fuse_mul_post, False, _ops.encode(config), _NO_CONFIG,
+                        _NO_CONFIG)
     return y
 
 
@@ -87,8 +90,8 @@ def grouped_gemm_dX(dY: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
                       permute_y=permute_y, config=config)
     config = _dx_config(config, autotune, dims, dY, W, m_sizes, gather_indices, topk,
                         permute_x, permute_y)
-    return _ops.dx_op(dY, W, m_sizes, gather_indices, topk, permute_x, permute_y,
-                      _ops.encode(config))
+    return _ops.dx(dY, W, m_sizes, gather_indices, topk, permute_x, permute_y,
+                   _ops.encode(config))
 
 
 def grouped_gemm_dW(X: torch.Tensor, dY: torch.Tensor, m_sizes: torch.Tensor,
@@ -101,8 +104,8 @@ def grouped_gemm_dW(X: torch.Tensor, dY: torch.Tensor, m_sizes: torch.Tensor,
                       permute_y=permute_y, config=config)
     config = _dw_config(config, autotune, dims, X, dY, m_sizes, gather_indices, topk,
                         permute_x, permute_y)
-    return _ops.dw_op(X, dY, m_sizes, gather_indices, topk, permute_x, permute_y,
-                      _ops.encode(config), False)
+    return _ops.dw(X, dY, m_sizes, gather_indices, topk, permute_x, permute_y,
+                   _ops.encode(config), False)
 
 
 def grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
@@ -140,9 +143,8 @@ def grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
     dw_config = dw_config or default_config("dW")
     store_unweighted = bool(fuse_mul_post and topk_weights is not None
                             and topk_weights.requires_grad and torch.is_grad_enabled())
-    y, _ = _ops.forward_op(X, W, m_sizes, gather_indices, topk_weights, topk, permute_x,
-                           permute_y, fuse_mul_post, store_unweighted,
-                           _ops.encode(forward_config), _ops.encode(dx_config),
-                           _ops.encode(dw_config))
-    return y
+    return _ops.grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, topk, permute_x,
+                             permute_y, fuse_mul_post, store_unweighted,
+                             _ops.encode(forward_config), _ops.encode(dx_config),
+                             _ops.encode(dw_config))
 

@@ -10,6 +10,7 @@ Under torch.compile tracing, tuning is not possible either: cached or default.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -22,10 +23,15 @@ BACKEND = "triton"
 _memory: dict[str, object] = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name_of(kind: str, index: int | None) -> str:
+    if kind == "cuda":
+        return torch.cuda.get_device_name(index).replace(" ", "_")
+    return kind
+
+
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "_")
-    return device.type
+    return _device_name_of(device.type, device.index)
 
 
 def key_for(op: str, dims, dtype: torch.dtype, device: torch.device, *, permute_x=False,
