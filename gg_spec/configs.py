@@ -183,12 +183,23 @@ def tma_variants(config: AnyConfig) -> list[AnyConfig]:
     return out
 
 
+def with_legal_tma(op: str, config: AnyConfig, *, permute_x: bool = False,
+                   permute_y: bool = False) -> AnyConfig:
+    """The config with every TMA switch on that these fusions allow."""
+    gathered, scattered = _gathered_and_scattered(op, permute_x, permute_y)
+    blocked = gathered | scattered
+    return config.replace(**{field: True for field, operand in _TMA_OPERANDS[op].items()
+                             if operand not in blocked})
+
+
 def valid_candidates(op: str, *, permute_x: bool = False, permute_y: bool = False,
                      with_tma: bool = False) -> list[AnyConfig]:
-    """The search space filtered by ``validate`` for these fusions."""
+    """The search space for these fusions; with_tma adds each candidate with every legal
+    TMA switch on."""
     candidates = search_space(op)
     if with_tma:
-        candidates = candidates + [v for c in candidates for v in tma_variants(c)]
+        candidates = candidates + [with_legal_tma(op, c, permute_x=permute_x,
+                                                  permute_y=permute_y) for c in candidates]
     out = []
     for config in candidates:
         try:

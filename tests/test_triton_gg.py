@@ -170,6 +170,25 @@ def test_edge_cases(case):
     check_autograd(inp, "manual")
 
 
+TMA_CASES = [c for c in cpu_cases(("float32", "bfloat16")) if c.topk != 4][::2] + edge_cases()[::3]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: c.id)
+def test_tma_configs(case):
+    """Every legal TMA load switch on (tiles that straddle experts or run past N must not
+    change the result); shapes TMA cannot serve fall back to pointer loads."""
+    inp = Inputs(case)
+    f = case.fusion
+    fwd = gg_spec.configs.with_legal_tma("forward", SMALL_FWD, **inp.flags)
+    dx = gg_spec.configs.with_legal_tma("dX", SMALL_DX, **inp.flags)
+    assert fwd.tma_load_w
+    assert fwd.tma_load_x == (not f.permute_x) and fwd.tma_store_y == (not f.permute_y)
+    y = triton_gg.grouped_gemm_forward(inp.x, inp.w, *inp.routing, **inp.fwd_flags, config=fwd)
+    assert_close(y, expected_direct(inp, "forward"), case.dtype, "Y")
+    d = triton_gg.grouped_gemm_dX(inp.dy, inp.w, *inp.routing, **inp.flags, config=dx)
+    assert_close(d, expected_direct(inp, "dX"), case.dtype, "dX")
+
+
 # -------------------------------------------------------------------- unwritten rows fail
 
 def test_poisoned_output_is_fully_overwritten(monkeypatch):

@@ -12,13 +12,15 @@ import triton.language as tl
 from triton_gg._runtime import INTERPRETING
 from triton_gg.kernels.forward import next_pow2
 from triton_gg.kernels.schedule import locate_m_tile, swizzle
+from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 
 
 @triton.jit
 def _dx_kernel(
-    dy_ptr, w_ptr, dx_ptr, m_sizes_ptr, gather_ptr,
+    dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, m_sizes_ptr, gather_ptr,
     E, N, K, num_m_tiles, stride_we, stride_wn, stride_wk,
-    PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
+    PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_W: tl.constexpr,
+    TMA_DY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
@@ -45,14 +47,25 @@ def _dx_kernel(
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + ns[:, None].to(tl.int64) * stride_wn
               + cols[None, :] * stride_wk)
 
+    w_row = (expert * N).to(tl.int32)                # TMA row of W viewed [E*N, K]
+    dy_row = (expert_start + local_row).to(tl.int32)  # TMA row of dY [M, N]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         if EVEN_N:
-            dy = tl.load(dy_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+            n_mask = ns < BLOCK_N
         else:
             n_mask = (n0 + ns) < N
+        if TMA_DY:
+            dy = dy_desc.load([dy_row, n0])
+            if not EVEN_N:  # columns past N must be zero: they meet the next expert's W
+                dy = tl.where(n_mask[None, :], dy, 0.0)
+        else:
             dy = tl.load(dy_ptrs, mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        if TMA_W:
+            w = w_desc.load([w_row + n0, k_tile * BLOCK_K])
+            if not EVEN_N:
+                w = tl.where(n_mask[:, None], w, 0.0)
+        else:
             w = tl.load(w_ptrs, mask=n_mask[:, None] & col_mask[None, :], other=0.0)
         if UPCAST_DOT:
             acc = tl.dot(dy.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -78,10 +91,16 @@ def launch_dx(dy, w, m_sizes, gather_indices, dx, *, permute_x, permute_y, confi
         return dx.zero_()
     num_m_tiles = triton.cdiv(m, config.block_m) + num_experts
     grid = (num_m_tiles * triton.cdiv(k, config.block_k),)
+    w2d = weights_2d(w)
+    tma_w = config.tma_load_w and w2d is not None and tma_usable(w2d, config.block_k)
+    tma_dy = config.tma_load_dy and not permute_y and tma_usable(dy, config.block_n)
     _dx_kernel[grid](
-        dy, w, dx, m_sizes, gather_indices if gather_indices is not None else m_sizes,
+        dy, w,
+        descriptor_2d(dy, config.block_m, config.block_n) if tma_dy else None,
+        descriptor_2d(w2d, config.block_n, config.block_k) if tma_w else None,
+        dx, m_sizes, gather_indices if gather_indices is not None else m_sizes,
         num_experts, n, k, num_m_tiles, *w.stride(),
-        PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
+        PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_W=tma_w, TMA_DY=tma_dy,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, E_POW2=next_pow2(num_experts), EVEN_N=n % config.block_n == 0,
         UPCAST_DOT=INTERPRETING and dy.dtype != torch.float32,

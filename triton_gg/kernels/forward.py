@@ -14,14 +14,15 @@ import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
 from triton_gg.kernels.schedule import locate_m_tile, swizzle
+from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, y_ptr, y_unweighted_ptr, m_sizes_ptr, gather_ptr, topk_weights_ptr,
+    x_ptr, w_ptr, x_desc, w_desc, y_ptr, y_unweighted_ptr, m_sizes_ptr, gather_ptr, topk_weights_ptr,
     E, N, K, num_m_tiles, TOPK, stride_we, stride_wn, stride_wk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, FUSE_MUL: tl.constexpr,
-    STORE_UNWEIGHTED: tl.constexpr,
+    STORE_UNWEIGHTED: tl.constexpr, TMA_W: tl.constexpr, TMA_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
@@ -52,14 +53,21 @@ def _forward_kernel(
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn
               + ks[:, None] * stride_wk)
 
+    w_row = (expert * N + n_tile * BLOCK_N).to(tl.int32)  # TMA row of W viewed [E*N, K]
+    x_row = (expert_start + local_row).to(tl.int32)       # TMA row of X [M, K]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+            k_mask = ks < BLOCK_K
         else:
             k_mask = (k0 + ks) < K
+        if TMA_X:
+            x = x_desc.load([x_row, k0])
+        else:
             x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if TMA_W:
+            w = w_desc.load([w_row, k0]).T
+        else:
             w = tl.load(w_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         if UPCAST_DOT:  # the interpreter's bf16 dot multiplies bit patterns
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -97,13 +105,19 @@ def launch_forward(x, w, m_sizes, gather_indices, topk_weights, y, y_unweighted,
     num_m_tiles = triton.cdiv(m, config.block_m) + num_experts
     grid = (num_m_tiles * triton.cdiv(n, config.block_n),)
     placeholder = m_sizes  # stands in for pointers a variant does not read
+    w2d = weights_2d(w)
+    tma_w = config.tma_load_w and w2d is not None and tma_usable(w2d, config.block_k)
+    tma_x = config.tma_load_x and not permute_x and tma_usable(x, config.block_k)
     _forward_kernel[grid](
-        x, w, y, y_unweighted if store_unweighted else y, m_sizes,
+        x, w,
+        descriptor_2d(x, config.block_m, config.block_k) if tma_x else None,
+        descriptor_2d(w2d, config.block_n, config.block_k) if tma_w else None,
+        y, y_unweighted if store_unweighted else y, m_sizes,
         gather_indices if gather_indices is not None else placeholder,
         topk_weights if fuse_mul_post else placeholder,
         num_experts, n, k, num_m_tiles, topk, *w.stride(),
         PERMUTE_X=permute_x, PERMUTE_Y=permute_y, FUSE_MUL=fuse_mul_post,
-        STORE_UNWEIGHTED=store_unweighted and fuse_mul_post,
+        STORE_UNWEIGHTED=store_unweighted and fuse_mul_post, TMA_W=tma_w, TMA_X=tma_x,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, E_POW2=next_pow2(num_experts), EVEN_K=k % config.block_k == 0,
         UPCAST_DOT=INTERPRETING and x.dtype != torch.float32,
