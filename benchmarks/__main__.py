@@ -67,7 +67,7 @@ def run(args) -> list[dict]:
             print(f"== {shape_name} T={tokens} M={prob.m} E={prob.shape.num_experts} "
                   f"N={prob.shape.n} K={prob.shape.k}", flush=True)
             inp = torch_impls.TorchInputs(prob)
-            benches = list(torch_impls.all_torch(prob, impls))
+            benches = list(torch_impls.all_torch(prob, inp, impls))
             for impl, op, fn in benches:
                 try:
                     ms = timing.time_torch(fn)

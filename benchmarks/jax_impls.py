@@ -10,6 +10,14 @@ from benchmarks.torch_impls import TorchInputs
 JaxBench = tuple[str, str, Callable, tuple]  # (impl, op, jitted fn, args)
 
 
+def backward_only(f: Callable, primals: tuple, dy):
+    """(jitted fn, args) that run only the backward of f at primals: the VJP closure (a
+    pytree of residuals) is built once, outside the timing, and passed in."""
+    import jax
+    _, vjp_fn = jax.vjp(f, *primals)
+    return jax.jit(lambda fn, g: fn(g)), (vjp_fn, dy)
+
+
 class JaxInputs:
     def __init__(self, inp: TorchInputs):
         import jax
@@ -37,11 +45,9 @@ def lax_ragged_dot(j: JaxInputs) -> Iterator[JaxBench]:
     def fwd(x, w_t, sizes):
         return jax.lax.ragged_dot(x, w_t, sizes)
 
-    def bwd(x, w_t, sizes, dy):
-        _, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, sizes), x, w_t)
-        return vjp(dy)
     yield "lax_ragged_dot", "fwd", jax.jit(fwd), (j.x, j.w_t, j.m_sizes)
-    yield "lax_ragged_dot", "bwd", jax.jit(bwd), (j.x, j.w_t, j.m_sizes, j.dy)
+    yield "lax_ragged_dot", "bwd", *backward_only(
+        lambda a, b: jax.lax.ragged_dot(a, b, j.m_sizes), (j.x, j.w_t), j.dy)
 
 
 def tokamax(j: JaxInputs) -> Iterator[JaxBench]:
@@ -54,41 +60,39 @@ def tokamax(j: JaxInputs) -> Iterator[JaxBench]:
     def fwd(x, w_t, sizes):
         return tk.ragged_dot(x, w_t, sizes, implementation="mosaic")
 
-    def bwd(x, w_t, sizes, dy):
-        _, vjp = jax.vjp(lambda a, b: fwd(a, b, sizes), x, w_t)
-        return vjp(dy)
     yield "tokamax", "fwd", jax.jit(fwd), (j.x, j.w_t, j.m_sizes)
-    yield "tokamax", "bwd", jax.jit(bwd), (j.x, j.w_t, j.m_sizes, j.dy)
+    yield "tokamax", "bwd", *backward_only(lambda a, b: fwd(a, b, j.m_sizes), (j.x, j.w_t),
+                                           j.dy)
 
 
 def pallas_gg_impls(j: JaxInputs, first_gemm: bool) -> Iterator[JaxBench]:
+    """pallas_gg with configs tuned first (``pallas_gg.tune``, cached on disk)."""
     import functools
 
     import jax
     import pallas_gg
 
     topk = j.topk
-    fwd = functools.partial(pallas_gg.grouped_gemm_forward, topk=topk, autotune=True)
-    yield "pallas_gg", "fwd", jax.jit(lambda x, w, ms, g: fwd(x, w, ms, g)), (
-        j.x, j.w, j.m_sizes, j.gather)
-    if first_gemm:
-        yield "pallas_gg_permute_x", "fwd", jax.jit(
-            lambda x, w, ms, g: fwd(x, w, ms, g, permute_x=True)), (
-            j.x_tokens, j.w, j.m_sizes, j.gather)
-    else:
-        yield "pallas_gg_permute_y", "fwd", jax.jit(
-            lambda x, w, ms, g: fwd(x, w, ms, g, permute_y=True)), (
-            j.x, j.w, j.m_sizes, j.gather)
+    plain = pallas_gg.tune(j.x, j.w, j.m_sizes, j.gather, topk)
+    fused = dict(permute_x=True) if first_gemm else dict(permute_y=True)
+    x_fused = j.x_tokens if first_gemm else j.x
+    fused_cfg = pallas_gg.tune(x_fused, j.w, j.m_sizes, j.gather, topk, ops=("forward",),
+                               **fused)["forward"]
+    fwd = functools.partial(pallas_gg.grouped_gemm_forward, topk=topk)
+    yield "pallas_gg", "fwd", jax.jit(lambda x, w, ms, g: fwd(
+        x, w, ms, g, config=plain["forward"])), (j.x, j.w, j.m_sizes, j.gather)
+    name = "pallas_gg_permute_x" if first_gemm else "pallas_gg_permute_y"
+    yield name, "fwd", jax.jit(lambda x, w, ms, g: fwd(x, w, ms, g, config=fused_cfg,
+                                                       **fused)), (
+        x_fused, j.w, j.m_sizes, j.gather)
     yield "pallas_gg", "dX", jax.jit(lambda dy, w, ms, g: pallas_gg.grouped_gemm_dX(
-        dy, w, ms, g, topk, autotune=True)), (j.dy, j.w, j.m_sizes, j.gather)
+        dy, w, ms, g, topk, config=plain["dX"])), (j.dy, j.w, j.m_sizes, j.gather)
     yield "pallas_gg", "dW", jax.jit(lambda x, dy, ms, g: pallas_gg.grouped_gemm_dW(
-        x, dy, ms, g, topk, autotune=True)), (j.x, j.dy, j.m_sizes, j.gather)
+        x, dy, ms, g, topk, config=plain["dW"])), (j.x, j.dy, j.m_sizes, j.gather)
 
-    def bwd(x, w, ms, g, dy):
-        _, vjp = jax.vjp(lambda a, b: pallas_gg.grouped_gemm(a, b, ms, g, topk, autotune=True),
-                         x, w)
-        return vjp(dy)
-    yield "pallas_gg", "bwd", jax.jit(bwd), (j.x, j.w, j.m_sizes, j.gather, j.dy)
+    yield "pallas_gg", "bwd", *backward_only(lambda a, b: pallas_gg.grouped_gemm(
+        a, b, j.m_sizes, j.gather, topk, forward_config=plain["forward"],
+        dx_config=plain["dX"], dw_config=plain["dW"]), (j.x, j.w), j.dy)
 
 
 def all_jax(inp: TorchInputs, first_gemm: bool, impls: set[str]) -> Iterator[JaxBench]:

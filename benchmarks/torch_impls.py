@@ -12,16 +12,16 @@ Bench = tuple[str, str, Callable[[], object]]  # (impl, op, call)
 
 
 class TorchInputs:
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, device: str = "cuda"):
         r = problem.routing
-        self.x_tokens = draw(problem, "x_tokens")
-        self.x = draw(problem, "x")
-        self.w = draw(problem, "w")
-        self.dy = draw(problem, "dy")
-        self.dense_b = draw(problem, "dense_b")
-        self.m_sizes = torch.from_numpy(r.m_sizes).cuda()
-        self.gather = torch.from_numpy(r.gather_indices).cuda()
-        self.topk_weights = torch.from_numpy(r.topk_weights).cuda().to(torch.bfloat16)
+        self.x_tokens = draw(problem, "x_tokens", device)
+        self.x = draw(problem, "x", device)
+        self.w = draw(problem, "w", device)
+        self.dy = draw(problem, "dy", device)
+        self.dense_b = draw(problem, "dense_b", device)
+        self.m_sizes = torch.from_numpy(r.m_sizes).to(device)
+        self.gather = torch.from_numpy(r.gather_indices).to(device)
+        self.topk_weights = torch.from_numpy(r.topk_weights).to(device, torch.bfloat16)
         self.offs = torch.cumsum(self.m_sizes, 0).to(torch.int32)
         self.topk = problem.shape.topk
 
@@ -68,8 +68,7 @@ def triton_gg_impls(inp: TorchInputs, first_gemm: bool) -> Iterator[Bench]:
         lambda: triton_gg.grouped_gemm(x, w, *routing, autotune=True), (x, w), inp.dy)
 
 
-def all_torch(problem: Problem, impls: set[str]) -> Iterator[Bench]:
-    inp = TorchInputs(problem)
+def all_torch(problem: Problem, inp: TorchInputs, impls: set[str]) -> Iterator[Bench]:
     if "dense" in impls:
         yield from dense(inp)
     if "torch_grouped_mm" in impls:

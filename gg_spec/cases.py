@@ -134,8 +134,8 @@ def cpu_cases(dtypes=("float32", "float16", "bfloat16")) -> list[Case]:
                          topks=(1, 2, 4))
         cases += _matrix(["tiny_many_w1", "tiny_many_w2"], [20], ("float32",), ["skewed"])
     cases += _matrix(["tiny_w1", "tiny_w2"], [24], low, ["random"], topks=(2,))
-    cases += _matrix(["tiny_odd_w1", "tiny_odd_w2"], [13], dtypes[:1] + low[-1:],
-                     ["empty_experts"])
+    odd_dtypes = tuple(dict.fromkeys(dtypes[:1] + low[-1:]))
+    cases += _matrix(["tiny_odd_w1", "tiny_odd_w2"], [13], odd_dtypes, ["empty_experts"])
     return cases
 
 

@@ -1,0 +1,26 @@
+"""pallas_gg: MoE grouped GEMMs (forward, dX, dW; fused gather, scatter and routing weights)
+as Pallas GPU kernels for JAX, over the contract of DESIGN.md shared with ``triton_gg``.
+
+Public API:
+
+* ``grouped_gemm_forward``, ``grouped_gemm_dX``, ``grouped_gemm_dW``: the direct kernels;
+* ``grouped_gemm``: the differentiable op (``jax.custom_vjp``), jit- and grad-compatible;
+* ``route``: (m_sizes, gather_indices) from topk_ids, on the device;
+* ``ragged_dot``: a drop-in for ``jax.lax.ragged_dot``;
+* ``tune``: autotune and cache the configs of one problem;
+* ``ForwardConfig``, ``DXConfig``, ``DWConfig``: the kernel configs (from ``gg_spec``).
+
+Every function takes ``backend="auto" | "mosaic" | "triton"``; only Pallas' Triton lowering
+exists today (``"auto"`` picks it, ``"mosaic"`` is planned). Without a GPU the kernels run in
+Pallas interpret mode.
+"""
+
+from gg_spec import DWConfig, DXConfig, ForwardConfig
+from pallas_gg.autodiff import grouped_gemm
+from pallas_gg.ops import grouped_gemm_dW, grouped_gemm_dX, grouped_gemm_forward
+from pallas_gg.ragged import ragged_dot
+from pallas_gg.routing import route
+from pallas_gg.tuning import tune
+
+__all__ = ["DWConfig", "DXConfig", "ForwardConfig", "grouped_gemm", "grouped_gemm_dW",
+           "grouped_gemm_dX", "grouped_gemm_forward", "ragged_dot", "route", "tune"]

@@ -1,0 +1,82 @@
+"""Which Pallas lowering runs a call, and whether it runs interpreted.
+
+``backend="auto" | "mosaic" | "triton"`` is accepted by every public function. Only the Triton
+lowering exists today; ``"auto"`` picks it and ``"mosaic"`` (Mosaic GPU, for Hopper) is planned.
+Without a GPU (or for arrays that live on the CPU) the kernels run with ``interpret=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import jax
+
+BACKENDS = ("auto", "mosaic", "triton")
+
+# JAX 0.11 deprecates Pallas' Triton lowering and warns each time a kernel is lowered. The
+# lowering of a kernel inside a user's jax.jit happens when *their* function compiles, outside
+# any call of ours, so a catch_warnings block around our calls cannot reach it: we add one
+# narrow process-wide filter for exactly this message (and still wrap our own calls).
+_TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
+warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
+
+
+@contextlib.contextmanager
+def quiet_triton_deprecation():
+    """Silence the Triton-lowering deprecation warning for calls made in this block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION,
+                                category=DeprecationWarning)
+        yield
+
+
+def resolve_backend(backend: str) -> str:
+    """The lowering that will run: ``"triton"`` today."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "mosaic":
+        raise NotImplementedError(
+            "backend='mosaic' (the Mosaic GPU lowering of pallas_gg, for Hopper) is planned "
+            "but not implemented yet; use backend='triton' or 'auto'")
+    return "triton"
+
+
+def _is_concrete(a) -> bool:
+    return isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer)
+
+
+def _abstract_target_platform() -> str | None:
+    """The platform of an abstract device set with jax.sharding.use_abstract_mesh (an AOT
+    compile for a GPU from a host without one), if any."""
+    try:
+        device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    except Exception:  # noqa: BLE001 - no abstract mesh support: no AOT target
+        return None
+    return None if device is None else device.platform
+
+
+def use_interpreter(*arrays) -> bool:
+    """Interpret the kernels when there is no GPU or the (concrete) arrays live on a CPU.
+
+    Under tracing the placement of a tracer is not known; the default backend decides, unless
+    an abstract GPU device is the target (AOT lowering from a host without a GPU).
+    """
+    if _abstract_target_platform() == "gpu":
+        return False
+    if jax.default_backend() != "gpu":
+        return True
+    for a in arrays:
+        if _is_concrete(a):
+            try:
+                if any(d.platform != "gpu" for d in a.devices()):
+                    return True
+            except Exception:  # noqa: BLE001 - a deleted or exotic array: let JAX decide
+                pass
+    return False
+
+
+def device_label() -> str:
+    """A short name of the device the kernels run on, for tuning-cache keys."""
+    dev = jax.devices()[0]
+    return f"{dev.platform}:{getattr(dev, 'device_kind', '')}"

@@ -1,0 +1,99 @@
+"""The direct (non-differentiable) grouped GEMMs: forward, dX and dW.
+
+Each function validates its arguments up front (shapes, dtypes, devices and config through
+``gg_spec``; the routing values when they are concrete), then launches one kernel of the
+chosen lowering. See DESIGN.md for the contract; shapes use E experts, N outputs, K inputs,
+M routed rows (= sum(m_sizes)), T tokens and k = topk.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+import gg_spec
+from gg_spec import checks
+from pallas_gg import triton_lowering
+from pallas_gg._backend import resolve_backend, use_interpreter
+from pallas_gg._validate import arg_infos, as_array, check_routing_values
+
+
+def resolve_config(op: str, config, **fusions):
+    """The config to run (the default for ``op`` when None), refused by gg_spec.validate when
+    it conflicts with the fusions."""
+    config = gg_spec.default_config(op) if config is None else config
+    gg_spec.validate(op, config, **fusions)
+    return config
+
+
+def _index_array(a):
+    return None if a is None else a.astype(jnp.int32)
+
+
+def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False,
+                         permute_y=False, topk_weights=None, fuse_mul_post=False, config=None,
+                         backend="auto"):
+    """Y [M, N]: Y[p] = X[row(p)] @ W[e(p)].T, in the dtype of X.
+
+    X [M, K] in expert order, or [T, K] in token order with ``permute_x`` (row p reads
+    X[gather_indices[p] // topk]); W [E, N, K]; m_sizes [E] int; gather_indices [M] int
+    (required with any fusion); topk_weights [M] in routed-row order (with ``fuse_mul_post``
+    row p is scaled by topk_weights[gather_indices[p]]). With ``permute_y`` row p is stored at
+    Y[gather_indices[p]] (Y in routed-row order). ``config`` is a ``ForwardConfig``.
+    """
+    resolve_backend(backend)
+    X, W, m_sizes, gather_indices, topk_weights = map(
+        as_array, (X, W, m_sizes, gather_indices, topk_weights))
+    info = arg_infos(X=X, W=W, m_sizes=m_sizes, gather_indices=gather_indices,
+                     topk_weights=topk_weights)
+    dims = checks.check_forward(info["X"], info["W"], info["m_sizes"], info["gather_indices"],
+                                topk, permute_x=permute_x, permute_y=permute_y,
+                                topk_weights=info["topk_weights"], fuse_mul_post=fuse_mul_post)
+    config = resolve_config("forward", config, permute_x=permute_x, permute_y=permute_y,
+                            fuse_mul_post=fuse_mul_post)
+    check_routing_values(dims, m_sizes, gather_indices)
+    return triton_lowering.forward(
+        X, W, m_sizes, _index_array(gather_indices),
+        topk_weights if fuse_mul_post else None, topk=topk, num_rows=dims.m,
+        permute_x=permute_x, permute_y=permute_y, fuse_mul_post=fuse_mul_post, config=config,
+        interpret=use_interpreter(X, W))
+
+
+def grouped_gemm_dX(dY, W, m_sizes, gather_indices, topk, *, permute_x=False, permute_y=False,
+                    config=None, backend="auto"):
+    """dX [M, K]: dX[p] = dY[row(p)] @ W[e(p)], in the dtype of dY.
+
+    dY [M, N] in the order of Y (routed-row order with ``permute_y``: row p reads
+    dY[gather_indices[p]]); W [E, N, K]. With ``permute_x`` row p is stored at
+    dX[gather_indices[p]] (routed-row order; the differentiable op sums each token's k rows).
+    ``config`` is a ``DXConfig``.
+    """
+    resolve_backend(backend)
+    dY, W, m_sizes, gather_indices = map(as_array, (dY, W, m_sizes, gather_indices))
+    info = arg_infos(dY=dY, W=W, m_sizes=m_sizes, gather_indices=gather_indices)
+    dims = checks.check_dX(info["dY"], info["W"], info["m_sizes"], info["gather_indices"],
+                           topk, permute_x=permute_x, permute_y=permute_y)
+    config = resolve_config("dX", config, permute_x=permute_x, permute_y=permute_y)
+    check_routing_values(dims, m_sizes, gather_indices)
+    return triton_lowering.dx(
+        dY, W, m_sizes, _index_array(gather_indices), num_rows=dims.m, permute_x=permute_x,
+        permute_y=permute_y, config=config, interpret=use_interpreter(dY, W))
+
+
+def grouped_gemm_dW(X, dY, m_sizes, gather_indices, topk, *, permute_x=False, permute_y=False,
+                    config=None, backend="auto"):
+    """dW [E, N, K]: dW[e] = sum over p in e of dY[row(p)]^T X[row(p)], in the dtype of X.
+
+    X [M, K] (or [T, K] with ``permute_x``) and dY [M, N] (routed-row order with
+    ``permute_y``) follow the gather rules of the forward and dX. An expert without rows gets
+    exact zeros. ``config`` is a ``DWConfig`` (block_m is the reduction block).
+    """
+    resolve_backend(backend)
+    X, dY, m_sizes, gather_indices = map(as_array, (X, dY, m_sizes, gather_indices))
+    info = arg_infos(X=X, dY=dY, m_sizes=m_sizes, gather_indices=gather_indices)
+    dims = checks.check_dW(info["X"], info["dY"], info["m_sizes"], info["gather_indices"],
+                           topk, permute_x=permute_x, permute_y=permute_y)
+    config = resolve_config("dW", config, permute_x=permute_x, permute_y=permute_y)
+    check_routing_values(dims, m_sizes, gather_indices)
+    return triton_lowering.dw(
+        X, dY, m_sizes, _index_array(gather_indices), topk=topk, permute_x=permute_x,
+        permute_y=permute_y, config=config, interpret=use_interpreter(X, dY))

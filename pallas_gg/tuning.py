@@ -1,0 +1,201 @@
+"""Autotuning: time gg_spec's candidate configs on the GPU and cache the fastest.
+
+``tune(...)`` tunes the ops of one problem (forward, dX, dW) and records each choice in the
+shared on-disk cache (``gg_spec.tuning_cache``, backend name ``"pallas"``) under
+``gg_spec.tuning_key``; ``grouped_gemm(..., autotune=True)`` reads the cache and tunes on a
+miss. Interpreted runs (no GPU) are never timed: they take the cached or the default config.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gg_spec
+from gg_spec import checks, tuning_cache
+from pallas_gg import triton_lowering
+from pallas_gg._backend import device_label, resolve_backend, use_interpreter
+from pallas_gg._validate import arg_infos, as_array, is_traced
+
+CACHE_BACKEND = "pallas"
+OPS = ("forward", "dX", "dW")
+
+
+def _key(op, *, num_experts, n, k, rows, dtype, permute_x, permute_y, fuse_mul_post):
+    return gg_spec.tuning_key(op, num_experts=num_experts, n=n, k=k, rows=rows,
+                              dtype=dtype, permute_x=permute_x, permute_y=permute_y,
+                              fuse_mul_post=fuse_mul_post and op == "forward",
+                              device=device_label())
+
+
+def _cached(op, key, fusions):
+    config = tuning_cache.load(CACHE_BACKEND, key)
+    if config is None or type(config) is not gg_spec.configs.CONFIG_TYPES[op]:
+        return None
+    try:
+        gg_spec.validate(op, config, **fusions)
+    except ValueError:
+        return None
+    return config
+
+
+def _time_ms(fn, *args, iters: int) -> float:
+    """Mean milliseconds of fn(*args) over ``iters`` back-to-back calls (after compiling)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) * 1e3 / iters
+
+
+def _outside_any_trace(fn):
+    """Run ``fn()`` where no JAX trace is active: JAX's trace state is per thread, so a fresh
+    thread runs eagerly even while the caller is being traced by jax.jit (autotune=True
+    inside a jitted function)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn).result()
+
+
+class _Problem:
+    """Concrete inputs of one problem for timing; synthetic (balanced routing, random data)
+    for the arrays that are not concrete (autotuning under jax.jit)."""
+
+    def __init__(self, X, W, m_sizes, gather, topk, topk_weights, permute_x):
+        num_experts, n, k = W.shape
+        rows = gather.shape[0] if permute_x else X.shape[0]
+        rng = np.random.default_rng(0)
+        dtype = X.dtype
+
+        def concrete(a, make):
+            return make() if a is None or is_traced(a) else a
+
+        self.x = concrete(X, lambda: jnp.asarray(rng.standard_normal(X.shape), dtype))
+        self.w = concrete(W, lambda: jnp.asarray(rng.standard_normal(W.shape) / np.sqrt(k),
+                                                 dtype))
+        base, extra = divmod(rows, num_experts)
+        balanced = np.array([base + (e < extra) for e in range(num_experts)], np.int32)
+        self.m_sizes = concrete(m_sizes, lambda: jnp.asarray(balanced))
+        self.gather = concrete(gather, lambda: jnp.asarray(rng.permutation(rows), jnp.int32))
+        self.gather = self.gather.astype(jnp.int32)
+        routed = X.shape[0] * topk if permute_x else rows
+        self.weights = concrete(topk_weights,
+                                lambda: jnp.asarray(rng.random(routed), jnp.float32))
+        self.dy = jnp.asarray(rng.standard_normal((rows, n)), dtype)
+        self.rows = rows
+
+
+def _launcher(op, problem, topk, fusions, fuse_mul_post, config, interpret=False):
+    p = problem
+    px, py = fusions["permute_x"], fusions["permute_y"]
+    if op == "forward":
+        return lambda: triton_lowering.forward(
+            p.x, p.w, p.m_sizes, p.gather, p.weights if fuse_mul_post else None, topk=topk,
+            num_rows=p.rows, permute_x=px, permute_y=py, fuse_mul_post=fuse_mul_post,
+            config=config, interpret=interpret)
+    if op == "dX":
+        return lambda: triton_lowering.dx(p.dy, p.w, p.m_sizes, p.gather, num_rows=p.rows,
+                                          permute_x=px, permute_y=py, config=config,
+                                          interpret=interpret)
+    return lambda: triton_lowering.dw(p.x, p.dy, p.m_sizes, p.gather, topk=topk, permute_x=px,
+                                      permute_y=py, config=config, interpret=interpret)
+
+
+def _tune_op(op, problem, topk, fusions, fuse_mul_post, *, iters: int, candidates=None,
+             interpret=False):
+    """(fastest config, its ms) among ``candidates`` (default gg_spec.valid_candidates);
+    candidates that fail to compile (e.g. too much shared memory) are skipped."""
+    if candidates is None:
+        candidates = gg_spec.valid_candidates(op, **fusions)
+    best, best_ms = None, float("inf")
+    for config in candidates:
+        launch = _launcher(op, problem, topk, fusions, fuse_mul_post, config, interpret)
+        try:
+            ms = _time_ms(launch, iters=iters)
+        except Exception:  # noqa: BLE001 - a candidate the compiler refuses is just skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    if best is None:
+        return gg_spec.default_config(op), None
+    return best, best_ms
+
+
+def autotuned_config(op, X, W, m_sizes, gather_indices, topk, *, permute_x, permute_y,
+                     topk_weights, fuse_mul_post, interpret, iters: int = 20):
+    """The cached config of this problem; on a miss the fastest candidate (timed on the GPU
+    and cached) or, when interpreted, the default config."""
+    num_experts, n, k = W.shape
+    rows = gather_indices.shape[0] if permute_x else X.shape[0]
+    fusions = dict(permute_x=permute_x, permute_y=permute_y)
+    key = _key(op, num_experts=num_experts, n=n, k=k, rows=rows,
+               dtype=jnp.dtype(X.dtype).name, fuse_mul_post=fuse_mul_post, **fusions)
+    config = _cached(op, key, fusions)
+    if config is not None:
+        return config
+    if interpret:
+        return gg_spec.default_config(op)
+    # Under jax.jit the arrays are tracers and every jnp op would be staged into the caller's
+    # program: time (synthetic stand-ins for the traced arrays) in a thread of its own.
+    def measure():
+        problem = _Problem(X, W, m_sizes, gather_indices, topk, topk_weights, permute_x)
+        return _tune_op(op, problem, topk, fusions, fuse_mul_post and op == "forward",
+                        iters=iters)
+
+    config, ms = _outside_any_trace(measure)
+    if ms is not None:
+        tuning_cache.store(CACHE_BACKEND, key, config, ms)
+    return config
+
+
+def tune(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permute_y=False,
+         topk_weights=None, fuse_mul_post=False, ops=OPS, force=False, iters=20,
+         backend="auto"):
+    """Tune the configs of one grouped-GEMM problem; returns {op: config}.
+
+    Arguments as ``grouped_gemm`` (X [M, K] or [T, K], W [E, N, K], m_sizes [E],
+    gather_indices [M], topk_weights [M]). For each op in ``ops`` the cached choice is
+    returned unless ``force``; otherwise every valid candidate is timed on the GPU and the
+    fastest is cached. Without a GPU nothing is timed: the cached or default config comes back.
+    """
+    resolve_backend(backend)
+    X, W, m_sizes, gather_indices, topk_weights = map(
+        as_array, (X, W, m_sizes, gather_indices, topk_weights))
+    info = arg_infos(X=X, W=W, m_sizes=m_sizes, gather_indices=gather_indices,
+                     topk_weights=topk_weights)
+    if gather_indices is None:
+        raise ValueError("tune needs gather_indices (the routing of the problem to time)")
+    checks.check_forward(info["X"], info["W"], info["m_sizes"], info["gather_indices"], topk,
+                         permute_x=permute_x, permute_y=permute_y,
+                         topk_weights=info["topk_weights"], fuse_mul_post=fuse_mul_post)
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise ValueError(f"ops must be among {OPS}, got {sorted(unknown)}")
+    interpret = use_interpreter(X, W)
+    fusions = dict(permute_x=permute_x, permute_y=permute_y)
+    num_experts, n, k = W.shape
+    rows = gather_indices.shape[0] if permute_x else X.shape[0]
+    problem = None
+    out = {}
+    for op in ops:
+        mul = fuse_mul_post and op == "forward"
+        key = _key(op, num_experts=num_experts, n=n, k=k, rows=rows,
+                   dtype=jnp.dtype(X.dtype).name, fuse_mul_post=mul, **fusions)
+        config = None if force else _cached(op, key, fusions)
+        if config is None and interpret:
+            config = gg_spec.default_config(op)
+        if config is None:
+            if problem is None:
+                problem = _outside_any_trace(lambda: _Problem(
+                    X, W, m_sizes, gather_indices, topk, topk_weights, permute_x))
+            config, ms = _outside_any_trace(
+                lambda: _tune_op(op, problem, topk, fusions, mul, iters=iters))
+            if ms is not None:
+                tuning_cache.store(CACHE_BACKEND, key, config, ms)
+        out[op] = config
+    return out
