@@ -51,17 +51,19 @@ def _dw_kernel(
             routed = tl.load(gather_ptr + pos, mask=row_mask, other=0).to(tl.int64)
         x_rows = routed // TOPK if PERMUTE_X else pos
         dy_rows = routed if PERMUTE_Y else pos
-        # dY^T tile [BLOCK_N, BLOCK_M], X tile [BLOCK_M, BLOCK_K]
-        dy_t = tl.load(dy_ptr + dy_rows[None, :] * N + ns[:, None],
-                       mask=row_mask[None, :] & n_mask[:, None], other=0.0)
+        # dY tile [BLOCK_M, BLOCK_N] and X tile [BLOCK_M, BLOCK_K], both row-major loads
+        # (16-byte vectors along the contiguous dimension); the MMA reads dY transposed.
+        dy = tl.load(dy_ptr + dy_rows[:, None] * N + ns[None, :],
+                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         x = tl.load(x_ptr + x_rows[:, None] * K + ks[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST_DOT:
-            acc = tl.dot(dy_t.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(dy.to(tl.float32)), x.to(tl.float32), acc,
+                         input_precision="ieee")
         elif IEEE_DOT:
-            acc = tl.dot(dy_t, x, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
         else:
-            acc = tl.dot(dy_t, x, acc)
+            acc = tl.dot(tl.trans(dy), x, acc)
 
     # dW[e] is [N, K] (any strides: grouped_mm writes a transposed [E, K, N] view)
     out = (dw_ptr + expert.to(tl.int64) * stride_de + ns[:, None].to(tl.int64) * stride_dn
