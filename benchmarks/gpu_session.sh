@@ -6,6 +6,9 @@ OUT=${OUT:-/tmp/gg_out}
 mkdir -p "$OUT"
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export GG_CACHE_DIR="$OUT/tuning_cache"
+# Start from the configs tuned in earlier sessions (keys name the card, so another card tunes
+# afresh); what this session tunes comes back in $OUT/tuning_cache.
+mkdir -p "$GG_CACHE_DIR" && cp benchmarks/tuned/tuned_*.json "$GG_CACHE_DIR"/ 2>/dev/null
 TESTS=${GG_TESTS:-tests}
 KEXPR=${GG_K:-}
 {
@@ -13,8 +16,8 @@ KEXPR=${GG_K:-}
   python3 -c "import torch, triton, jax; print('torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
 if [ "${GG_SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest $TESTS -m gpu -q -x -p no:cacheprovider ${KEXPR:+-k "$KEXPR"} \
-    --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  python3 -m pytest $TESTS -m gpu -q --maxfail=5 -p no:cacheprovider ${KEXPR:+-k "$KEXPR"} \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "${GG_SKIP_BENCH:-0}" != 1 ]; then
   python3 -m benchmarks --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60

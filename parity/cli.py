@@ -16,8 +16,18 @@ not apply to a case (an external reference on a fused case) is "skipped" and nev
 
 ``--sweep`` runs the tiny presets on CPU (the real ones at any token count are too slow for
 the Triton and Pallas interpreters) and the real presets when torch sees a GPU; ``--presets``
-overrides either choice. Presets whose weights are too large for the host float64 reference
-(``--max-weight-elems``) are skipped with a note.
+overrides either choice. Presets whose weights are too large (``--max-weight-elems``: the
+float64 dW reference of deepseek_v3 alone would be 60 GB) are skipped with a note.
+
+``--reference`` picks where the float64 truth comes from. numpy: inputs drawn in numpy and
+gg_spec's reference on the host (the ground truth; the default on CPU). torch: inputs drawn on
+the torch device (cached per shape, shared by its fusions and ops), the float64 reference and
+every comparison computed there, only scalars brought back (``parity.device``; the default when
+the device is cuda, where the host reference takes minutes per real-model case).
+``--device cpu --reference torch`` runs that device code path on CPU tensors. The committed GPU
+sweep:
+
+    python -m parity --sweep --dtype bfloat16 --json sweep.json
 """
 
 from __future__ import annotations
@@ -34,11 +44,14 @@ from gg_spec.tolerances import TOLERANCES
 from parity.backends import (DEFAULT_BACKENDS, Unavailable, backend_names, get_backend,
                              load_plugin)
 from parity.case import OPS, Case, fusion_by_name, make_cases
-from parity.harness import run
+from parity.device import clear_cache
+from parity.harness import reference_mode, run
 from parity.inputs import resolve_device
 
-# make_inputs draws W in float64 and the reference converts it again: ~20 bytes of host
-# memory per weight element. 2.5e9 elements (~50 GB) keeps every preset but deepseek_v3.
+# Host mode: make_inputs draws W in float64 and the reference converts it again, ~20 bytes
+# of host memory per weight element. Device mode: the float64 dW reference (8 bytes per
+# element), W and the backends' dW outputs, ~25 bytes of GPU memory per element at the peak.
+# 2.5e9 elements keeps every preset but deepseek_v3 (7.5e9) either way.
 MAX_WEIGHT_ELEMS = 2_500_000_000
 
 
@@ -83,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: triton_gg~pallas_gg, and triton_gg with any other "
                           "pallas_gg:<lowering> in --backends)")
     how.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    how.add_argument("--reference", choices=("auto", "numpy", "torch"), default=None,
+                     help="float64 reference: numpy (inputs and gg_spec's reference on the "
+                          "host), torch (inputs, reference and comparisons on the torch "
+                          "device) or auto (default, or $PARITY_REFERENCE: torch when the "
+                          "device is cuda, numpy otherwise)")
     how.add_argument("--plugin", action="append", default=[],
                      help="import a module or .py file that registers backends (repeatable)")
     how.add_argument("--list-backends", action="store_true",
@@ -182,16 +200,22 @@ def main(argv=None) -> int:
                 get_backend(b)     # unknown names are usage errors, before any work
         pairs = _pairs(args.pairs)
         device = resolve_device(args.device)
+        reference = reference_mode(args.reference, device, backends)
         cases, notes = _cases(args, device)
     except ValueError as e:
         parser.error(str(e))
-    return _run_cases(args, cases, notes, backends, pairs, device)
+    try:
+        return _run_cases(args, cases, notes, backends, pairs, device, reference)
+    finally:
+        clear_cache()
 
 
-def _run_cases(args, cases, notes, backends, pairs, device) -> int:
+def _run_cases(args, cases, notes, backends, pairs, device, reference="numpy") -> int:
     t0 = time.perf_counter()
     shown = backends if backends is not None else list(DEFAULT_BACKENDS)
-    print(f"parity: {len(cases)} case(s), ops {','.join(args.ops)}, device {device}; backends:")
+    where = "host (numpy)" if reference == "numpy" else device
+    print(f"parity: {len(cases)} case(s), ops {','.join(args.ops)}, device {device}, "
+          f"float64 reference on {where}; backends:")
     for name in shown:
         requested = "" if backends is None else " (requested)"
         print(f"  {name:<18} {_backend_status(name)}{requested}")
@@ -199,7 +223,7 @@ def _run_cases(args, cases, notes, backends, pairs, device) -> int:
         print(f"  note: {note}")
     reports = []
     for case in cases:
-        report = run(case, backends, pairs=pairs, device=device)
+        report = run(case, backends, pairs=pairs, device=device, reference=reference)
         reports.append(report)
         if args.sweep or args.quiet:
             for line in report.summary_lines():
@@ -217,9 +241,11 @@ def _run_cases(args, cases, notes, backends, pairs, device) -> int:
             print(r.table())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"argv": sys.argv[1:], "device": device, "passed": not failed,
+            json.dump({"argv": sys.argv[1:], "device": device, "reference": reference,
+                       "passed": not failed,
                        "notes": notes, "reports": [r.to_dict() for r in reports]}, f, indent=1)
     seconds = time.perf_counter() - t0
+    print("\n" + _time_line(reports, device))
     verdict = "PASS" if reports and not failed else "FAIL"
     print(f"\n{verdict}: {len(reports) - len(failed)}/{len(reports)} cases passed "
           f"in {seconds:.1f} s")
@@ -227,6 +253,23 @@ def _run_cases(args, cases, notes, backends, pairs, device) -> int:
         for line in r.failures():
             print(f"  {r.case.id}: {line}")
     return 1 if failed or not reports else 0
+
+
+def _time_line(reports, device: str) -> str:
+    """Where the time went: each backend's calls, and the harness itself (drawing inputs, the
+    float64 reference, comparisons, first imports); on a GPU also torch's peak memory."""
+    per_backend: dict[str, float] = {}
+    for r in reports:
+        for run_ in r.runs:
+            per_backend[run_.backend] = per_backend.get(run_.backend, 0.0) + run_.seconds
+    harness = sum(r.seconds for r in reports) - sum(per_backend.values())
+    cells = [f"{name} {sec:.1f} s" for name, sec in per_backend.items()]
+    line = "time: " + ", ".join(cells + [f"harness (imports, inputs, reference, compare) {harness:.1f} s"])
+    if device == "cuda" and "torch" in sys.modules:
+        import torch
+        if torch.cuda.is_available():
+            line += f"; peak torch GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    return line
 
 
 __all__ = ["build_parser", "main"]

@@ -4,6 +4,9 @@
 casting them to bf16/fp16 is exact and every framework sees identical numbers. Torch tensors are
 made once on the harness device; JAX arrays are made from those tensors through DLPack when both
 frameworks live on the GPU (no host round trip), and from numpy otherwise.
+
+This is the host mode. On a GPU the harness uses ``parity.device.DeviceInputs`` instead (same
+interface): the inputs are drawn by torch on the device and shared by the cases of one shape.
 """
 
 from __future__ import annotations

@@ -134,6 +134,7 @@ class Report:
     agreements: list[Agreement] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    reference: str = "numpy"     # numpy: gg_spec on the host; torch: float64 on `device`
 
     # ------------------------------------------------------------------ verdicts
 
@@ -173,6 +174,8 @@ class Report:
         case = self.case
         tol = self.rows[0].tolerance if self.rows else None
         head = f"== {case.id}  [{case.describe}; device {self.device}"
+        if self.reference != "numpy":
+            head += f"; {self.reference} float64 reference"
         head += f"; tol {tol:.0e}]" if tol is not None else "]"
         lines = [head, f"   {'backend':<20} {'output':<26} {'rel_err':>9} {'max_abs':>9}  result"]
         for backend in self.backends:
@@ -245,6 +248,7 @@ class Report:
         return _json_safe({
             "case": self.case.to_dict(),
             "device": self.device,
+            "reference": self.reference,
             "backends": self.backends,
             "passed": self.passed,
             "failures": self.failures(),

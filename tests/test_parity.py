@@ -377,6 +377,213 @@ def test_backends_share_one_set_of_inputs():
                               inputs.np[key].astype(np.float64))
 
 
+# ---------------------------------------------------------------- device mode (parity.device)
+# The GPU path (inputs drawn by torch on the device, float64 torch reference and comparisons
+# there) run on CPU tensors: `reference="torch"` with `device="cpu"`.
+
+DEV = {"device": "cpu", "reference": "torch"}
+
+
+def _torch_reference(case, op):
+    """parity.reference on torch CPU tensors of exactly gg_spec's inputs (make_inputs)."""
+    from parity.device import reference_outputs_torch
+    return reference_outputs_torch(case, parity.Inputs(case, "cpu"), op)
+
+
+def _assert_references_equal(case):
+    arrays = parity.Inputs(case).np
+    for op in parity.OPS:
+        want = parity.reference_outputs(case, arrays, op)
+        got = _torch_reference(case, op)
+        assert set(got) == set(want), (op, set(got), set(want))
+        for name, ref in want.items():
+            out = got[name]
+            assert out.dtype == torch_float64() and tuple(out.shape) == ref.shape, (op, name)
+            out = out.numpy()
+            # same float64 math, only the BLAS summation order differs
+            assert np.all((out == 0) == (ref == 0)), (op, name, "zero pattern")
+            rel, _, _, _ = parity.compare(out, ref, 0.0)
+            assert rel < 1e-13, (case.id, op, name, rel)
+
+
+def torch_float64():
+    import torch
+    return torch.float64
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_torch_reference_equals_gg_spec_reference(fusion):
+    """The device-mode ground truth (parity.reference) is gg_spec's, on every fusion:
+    fp32 and bf16 inputs, top-k 1 and 3, empty experts and skewed routing."""
+    for dtype, kw in (("float32", {}), ("bfloat16", {"routing": "skewed", "tokens": 7}),
+                      ("float32", {"topk": 1, "tokens": 6})):
+        _assert_references_equal(case_for(fusion, dtype, **kw))
+
+
+def test_torch_reference_equals_gg_spec_reference_on_edge_cases():
+    """Zero tokens, one token, all rows on one expert, empty experts, top-k 1."""
+    for case in edge_cases():
+        _assert_references_equal(Case.from_spec(case))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_device_mode_every_fusion(fusion, dtype):
+    report = parity.assert_agrees(parity.run(case_for(fusion, dtype), REFS, **DEV))
+    assert report.reference == "torch" and report.device == "cpu"
+    assert {r.op for r in report.rows} == set(parity.OPS)
+    # numpy (gg_spec on host copies of the device inputs) against the torch reference
+    assert all(r.rel_error < 1e-13 for r in report.rows if r.backend == "numpy")
+    assert all(r.dtype == dtype for r in report.rows if r.backend == "torch")
+    assert "torch float64 reference" in report.table()
+
+
+@pytest.mark.parametrize("case", edge_cases()[::2], ids=lambda c: c.id)
+def test_device_mode_edge_cases(case):
+    parity.assert_agrees(parity.run(case, REFS, **DEV))
+
+
+def test_device_inputs_drawn_once_per_shape_and_reproducible():
+    from parity.device import DeviceInputs, clear_cache
+    clear_cache()
+    first = [case_for(f, "bfloat16") for f in ("plain", "permute_x")]
+    a, b = (DeviceInputs(c, "cpu") for c in first)
+    # one W (and dY) for both fusions of the shape: same buffer, drawn once
+    assert a.torch("w").data_ptr() == b.torch("w").data_ptr()
+    assert a.torch("dy").data_ptr() == b.torch("dy").data_ptr()
+    assert tuple(a.torch("x").shape) == (a.case.m, a.case.shape.k)
+    assert tuple(b.torch("x").shape) == (b.case.tokens, b.case.shape.k)   # permute_x: [T, K]
+    w = a.torch("w")
+    e, n, k = a.case.shape.num_experts, a.case.shape.n, a.case.shape.k
+    assert str(w.dtype) == "torch.bfloat16" and tuple(w.shape) == (e, n, k)
+    assert abs(float(w.float().std()) * math.sqrt(k) - 1.0) < 0.1      # scaled 1/sqrt(K)
+    # the routing is gg_spec's, exactly as the host mode draws it
+    host = parity.Inputs(first[0]).np
+    for key in ("m_sizes", "gather_indices", "topk_ids", "topk_weights"):
+        assert np.array_equal(a.np[key], host[key]), key
+        assert np.array_equal(a.torch(key).float().numpy(), host[key].astype(np.float32))
+    # the host copies are the device values (exact in float32)
+    assert np.array_equal(a.np["w"], w.float().numpy())
+    # another shape evicts the cache; the same case redraws the same numbers
+    saved = w.float().clone()
+    DeviceInputs(case_for("mul", "bfloat16"), "cpu").torch("w")
+    again = DeviceInputs(first[0], "cpu").torch("w")
+    assert again.data_ptr() != w.data_ptr() and bool((again.float() == saved).all())
+    clear_cache()
+
+
+def test_device_mode_catches_wrong_backends(registered):
+    case = case_for("permute_y+mul", "bfloat16")
+    for how in ("noise", "swap_rows", "nan", "drop_row", "dtype"):
+        bad = registered(Perturbed("torch", f"torch_{how}", how, scale=1e-1))
+        report = parity.run(case, ["numpy", bad.name], **DEV)
+        failing = [r for r in report.rows if not r.passed]
+        assert len(failing) == len([r for r in report.rows if r.backend == bad.name]), how
+        assert all(r.backend == bad.name for r in failing)
+    a = registered(Perturbed("torch", "plus", "noise", scale=0.7e-4))
+    b = registered(Perturbed("torch", "minus", "noise", scale=-0.7e-4))
+    report = parity.run(case_for("mul"), [a.name, b.name], pairs=[("plus", "minus")], **DEV)
+    assert all(r.passed for r in report.rows)
+    assert report.agreements and not any(x.passed for x in report.agreements)
+
+
+def test_device_mode_mutating_and_raising_backends(registered):
+    registered(Mutating())
+    registered(Raising())
+    report = parity.run(case_for("plain"), ["mutating", "raising", "torch"], **DEV)
+    assert "modified its inputs" in report.status("mutating", "forward").reason
+    assert report.status("raising", "dX").status == "error"
+    assert all(r.passed for r in report.rows if r.backend == "torch")
+    # report order is backend-major, op order within, as in host mode
+    assert [(r.backend, r.op) for r in report.runs][:2] == [("mutating", "forward"),
+                                                            ("mutating", "dX")]
+
+
+def test_device_mode_detects_writes_into_large_inputs_by_sample(monkeypatch):
+    import torch
+
+    from parity import device
+    monkeypatch.setattr(device, "_EXACT_CHECK_MAX_ELEMS", 10)
+    monkeypatch.setattr(device, "_SAMPLE_ELEMS", 64)
+    t = torch.randn(40, 33).to(torch.bfloat16)
+    p = device._Pristine(t)
+    assert p.stride > 1 and p.unchanged(t)
+    t[3:9].mul_(2)
+    assert not p.unchanged(t)
+
+
+def test_compare_tensors_matches_compare(monkeypatch):
+    import torch
+
+    from parity import device
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((9, 7))
+    outs = [ref + 1e-3 * rng.standard_normal(ref.shape), ref.copy(), np.zeros_like(ref)]
+    for chunk in (1 << 25, 5):          # one chunk, and many (the chunked accumulation)
+        monkeypatch.setattr(device, "_COMPARE_CHUNK", chunk)
+        for out in outs:
+            got = device.compare_tensors(torch.from_numpy(out).to(torch.bfloat16),
+                                         torch.from_numpy(ref), 1e-2)
+            # the same numbers as the host comparison of the bf16 output
+            want = parity.compare(torch.from_numpy(out).to(torch.bfloat16).double().numpy(),
+                                  ref, 1e-2)
+            assert got[2:] == want[2:]
+            assert math.isclose(got[0], want[0], rel_tol=1e-12, abs_tol=1e-300)
+            assert math.isclose(got[1], want[1], rel_tol=1e-12, abs_tol=1e-300)
+        bad = torch.from_numpy(ref.copy())
+        bad[2, 3] = float("nan")
+        assert device.compare_tensors(bad, torch.from_numpy(ref), 1.0)[2:] == (
+            False, "1 non-finite values")
+        huge = torch.full((4, 3), 1e200, dtype=torch.float64)   # squares overflow
+        rel, _, ok, _ = device.compare_tensors(huge * (1 + 1e-3), huge, 1e-2)
+        assert ok and math.isclose(rel, 1e-3, rel_tol=1e-6)
+    z = torch.zeros
+    assert device.compare_tensors(z(0, 3), z(0, 3), 1e-4) == (0.0, 0.0, True, "")
+    assert device.compare_tensors(torch.ones(2, 2), z(2, 2), 1e-4)[0] == math.inf
+    assert device.compare_tensors(z(2, 2), z(2, 2), 1e-4)[:3] == (0.0, 0.0, True)
+    assert "shape" in device.compare_tensors(z(2, 3), z(3, 2), 1.0)[3]
+
+
+def test_reference_mode_choice(monkeypatch):
+    monkeypatch.delenv("PARITY_REFERENCE", raising=False)
+    assert parity.reference_mode(None, "cpu", ["torch"]) == "numpy"
+    assert parity.reference_mode(None, "cuda", ["torch"]) == "torch"
+    assert parity.reference_mode(None, "cuda", ["numpy"]) == "numpy"    # no torch needed
+    assert parity.reference_mode("numpy", "cuda", ["torch"]) == "numpy"
+    monkeypatch.setenv("PARITY_REFERENCE", "torch")
+    assert parity.reference_mode(None, "cpu", ["torch"]) == "torch"
+    with pytest.raises(ValueError):
+        parity.reference_mode("float64", "cpu")
+
+
+def test_device_mode_jax_backends_on_cpu():
+    """JAX backends read the device inputs and their outputs come back through DLPack."""
+    pytest.importorskip("jax")
+    case = Case.from_preset("tiny", "second", 16, dtype="bfloat16", routing="skewed")
+    parity.assert_agrees(parity.run(case, ["lax_ragged_dot", "torch_grouped_mm"], **DEV))
+
+
+def test_triton_gg_and_pallas_gg_agree_in_device_mode():
+    pytest.importorskip("triton_gg")
+    pytest.importorskip("jax")
+    pytest.importorskip("pallas_gg")
+    case = case_for("permute_y+mul", "bfloat16", tokens=9)
+    report = parity.assert_agrees(parity.run(case, ["triton_gg", "pallas_gg"], **DEV))
+    assert report.reference == "torch" and report.agreements
+
+
+def test_cli_sweep_in_device_mode(tmp_path):
+    out = run_cli("--sweep", "--presets", "tiny,tiny_odd", "--tokens", "8", "--device", "cpu",
+                  "--reference", "torch", "--backends", "numpy,torch,torch_grouped_mm",
+                  "--json", str(tmp_path / "d.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert data["passed"] and data["reference"] == "torch" and len(data["reports"]) == 12
+    assert all(r["reference"] == "torch" for r in data["reports"])
+    assert sum(line.startswith("PASS ") for line in out.stdout.splitlines()) == 12 * 4
+    assert "float64 reference on cpu" in out.stdout
+
+
 # ---------------------------------------------------------------- GPU (-m gpu; unverified on CPU)
 
 @pytest.mark.gpu
@@ -388,6 +595,21 @@ def test_gpu_jax_inputs_alias_torch_buffers_through_dlpack():
     for key in ("x", "w", "m_sizes"):
         t, a = inputs.torch(key), inputs.jax(key)
         assert a.unsafe_buffer_pointer() == t.data_ptr(), f"{key} was copied"
+
+
+@pytest.mark.gpu
+def test_gpu_device_inputs_alias_into_jax_and_reference_matches_host():
+    """Device mode on the GPU: JAX reads the torch buffers, and the float64 reference on the
+    GPU equals gg_spec's on host copies (the numpy backend) on a mid-size shape."""
+    jax = pytest.importorskip("jax")
+    case = Case.explicit(8, 384, 256, 2, 64, fusion="permute_y+mul", dtype="bfloat16")
+    inputs = parity.DeviceInputs(case, "cuda")
+    if jax.default_backend() in ("gpu", "cuda"):
+        for key in ("x", "w", "m_sizes"):
+            assert inputs.jax(key).unsafe_buffer_pointer() == inputs.torch(key).data_ptr()
+    report = parity.assert_agrees(parity.run(case, ["numpy", "torch"], device="cuda"))
+    assert report.reference == "torch"
+    assert all(r.rel_error < 1e-12 for r in report.rows if r.backend == "numpy")
 
 
 @pytest.mark.gpu

@@ -417,3 +417,24 @@ def test_gpu_deterministic():
     a = run_direct(inp, "dW", "default")
     b = run_direct(inp, "dW", "default")
     assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_2_pow_31():
+    """M*K > 2**31 elements: X, dX and the gathered row offsets need 64-bit arithmetic.
+    Spot rows at the far end are compared with a float64 computation."""
+    tokens, k, n, experts, topk = 2**20 + 64, 2048, 128, 4, 1  # M*K ~ 2**31 + 2**17
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, experts, (tokens, topk), generator=gen, device="cuda")
+    m_sizes, gather = triton_gg.route(ids, experts)
+    x = torch.randn((tokens, k), generator=gen, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn((experts, n, k), generator=gen, device="cuda", dtype=torch.bfloat16) / k**0.5
+    y = triton_gg.grouped_gemm_forward(x, w, m_sizes, gather, topk, permute_x=True)
+    dx = triton_gg.grouped_gemm_dX(y, w, m_sizes, gather, topk, permute_x=True)
+    expert_of = torch.repeat_interleave(torch.arange(experts, device="cuda"), m_sizes.long())
+    for p in (0, 1, tokens // 2, tokens - 2, tokens - 1):
+        row = gather[p].long()
+        y_ref = x[row // topk].double() @ w[expert_of[p]].double().T
+        torch.testing.assert_close(y[p].double(), y_ref, rtol=2e-2, atol=2e-2)
+        dx_ref = y[p].double() @ w[expert_of[p]].double()
+        torch.testing.assert_close(dx[row].double(), dx_ref, rtol=2e-2, atol=2e-2)
