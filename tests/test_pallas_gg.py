@@ -22,7 +22,8 @@ import gg_spec
 import pallas_gg
 from gg_spec import DWConfig, DXConfig, ForwardConfig, reference, rel_error, tolerance
 from gg_spec import tuning_cache
-from gg_spec.cases import Case, Fusion, cpu_cases, edge_cases, gpu_cases, make_inputs
+from gg_spec.cases import (Case, Fusion, cpu_cases, edge_cases, fusions_for, gpu_cases,
+                           make_inputs)
 from gg_spec.presets import get_shape
 from pallas_gg import schedule, triton_lowering, tuning
 
@@ -746,19 +747,24 @@ def test_kernels_compile_for_hopper_without_a_gpu(op, fusion, tmp_path, monkeypa
 # ---------------------------------------------------------------------------- GPU
 
 GPU_CASES = gpu_cases()
+# Mid-size real shapes (OLMoE) for the GPU tests that draw host inputs.
+MID_CASES = [Case(get_shape(name), 128, "bfloat16", "random", fusion)
+             for name in ("olmoe_1b_7b_w1", "olmoe_1b_7b_w2")
+             for fusion in fusions_for(get_shape(name))]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=_ids)
 def test_gpu_direct_and_autograd(case):
-    """Real model shapes in bf16 (one test per case: the inputs are large to draw)."""
-    inp = Inputs(case)
-    check_direct(inp)
-    check_grads_vs_reference(inp, jit=True)
+    """Real model shapes in bf16 through the parity harness: inputs drawn on the GPU, the
+    float64 reference computed there (host numpy would take minutes at these sizes)."""
+    import parity
+    parity.check(parity.Case.from_spec(case), "pallas_gg",
+                 ops=("forward", "dX", "dW", "autograd"), device="cuda", reference="torch")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [c for c in GPU_CASES if c.tokens == 128][:4], ids=_ids)
+@pytest.mark.parametrize("case", MID_CASES, ids=_ids)
 def test_gpu_manual_config(case):
     configs = {op: c.replace(block_m=64) for op, c in SMALL_CONFIGS.items()}
     check_direct(Inputs(case), configs)
@@ -766,7 +772,7 @@ def test_gpu_manual_config(case):
 
 @pytest.mark.gpu
 def test_gpu_autotune_one_shape():
-    case = [c for c in GPU_CASES if c.tokens == 128][0]
+    case = MID_CASES[1]
     inp = Inputs(case)
     configs = pallas_gg.tune(inp.x, inp.w, inp.m_sizes, inp.gather, case.topk, **inp.flags,
                              iters=3)
