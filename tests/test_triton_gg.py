@@ -187,6 +187,9 @@ def test_tma_configs(case):
     assert_close(y, expected_direct(inp, "forward"), case.dtype, "Y")
     d = triton_gg.grouped_gemm_dX(inp.dy, inp.w, *inp.routing, **inp.flags, config=dx)
     assert_close(d, expected_direct(inp, "dX"), case.dtype, "dX")
+    dw_cfg = gg_spec.configs.with_legal_tma("dW", SMALL_DW, **inp.flags)
+    d = triton_gg.grouped_gemm_dW(inp.x, inp.dy, *inp.routing, **inp.flags, config=dw_cfg)
+    assert_close(d, expected_direct(inp, "dW"), case.dtype, "dW")
 
 
 # -------------------------------------------------------------------- unwritten rows fail

@@ -1,8 +1,8 @@
 """Config choice: a given config, the tuned one (autotune=True), or the default.
 
-The candidates are gg_spec's search space, each also with every legal TMA switch on for
-forward and dX (the dW kernel has no TMA path: DWConfig's switches are ignored here, as are
-the TMA store switches of forward and dX, whose outputs tiles can straddle two experts).
+The candidates are gg_spec's search space, each also with every legal TMA switch on (the TMA
+store switches are ignored by these kernels: an output tile can straddle two experts, and a
+tile store cannot be masked by rows).
 
 Tuning times every valid candidate of gg_spec's search space on the actual inputs (CUDA-event
 medians through ``triton.testing.do_bench``), keeps the fastest, and caches it in memory and on
@@ -68,7 +68,7 @@ def tune(op: str, key: str, run_with: Callable[[object], object], *, permute_x=F
     timer = timer or _time_on_gpu
     best, best_ms = None, math.inf
     for config in gg_spec.valid_candidates(op, permute_x=permute_x, permute_y=permute_y,
-                                          with_tma=op != "dW"):
+                                          with_tma=True):
         try:
             ms = timer(lambda: run_with(config))
         except Exception:  # a candidate that does not compile on this GPU (e.g. shared memory)

@@ -14,13 +14,15 @@ import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
 from triton_gg.kernels.forward import next_pow2
+from triton_gg.kernels.tma import descriptor_2d, tma_usable
 
 
 @triton.jit
 def _dw_kernel(
-    x_ptr, dy_ptr, dw_ptr, m_sizes_ptr, gather_ptr,
+    x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, m_sizes_ptr, gather_ptr,
     E, N, K, TOPK, stride_de, stride_dn, stride_dk,
-    PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
+    PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr,
+    TMA_DY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     E_POW2: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
@@ -53,10 +55,20 @@ def _dw_kernel(
         dy_rows = routed if PERMUTE_Y else pos
         # dY tile [BLOCK_M, BLOCK_N] and X tile [BLOCK_M, BLOCK_K], both row-major loads
         # (16-byte vectors along the contiguous dimension); the MMA reads dY transposed.
-        dy = tl.load(dy_ptr + dy_rows[:, None] * N + ns[None, :],
-                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-        x = tl.load(x_ptr + x_rows[:, None] * K + ks[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        # A TMA tile runs on into the next expert's rows: those must not enter the sum.
+        first_row = (expert_start + m0).to(tl.int32)
+        if TMA_DY:
+            dy = dy_desc.load([first_row, n_tile * BLOCK_N])
+            dy = tl.where(row_mask[:, None], dy, 0.0)
+        else:
+            dy = tl.load(dy_ptr + dy_rows[:, None] * N + ns[None, :],
+                         mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        if TMA_X:
+            x = x_desc.load([first_row, k_tile * BLOCK_K])
+            x = tl.where(row_mask[:, None], x, 0.0)
+        else:
+            x = tl.load(x_ptr + x_rows[:, None] * K + ks[None, :],
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST_DOT:
             acc = tl.dot(tl.trans(dy.to(tl.float32)), x.to(tl.float32), acc,
                          input_precision="ieee")
@@ -77,10 +89,15 @@ def launch_dw(x, dy, m_sizes, gather_indices, dw, *, topk, permute_x, permute_y,
     if dw.numel() == 0:
         return dw
     grid = (num_experts * triton.cdiv(n, config.block_n) * triton.cdiv(k, config.block_k),)
+    tma_x = config.tma_load_x and not permute_x and tma_usable(x, config.block_k)
+    tma_dy = config.tma_load_dy and not permute_y and tma_usable(dy, config.block_n)
     _dw_kernel[grid](
-        x, dy, dw, m_sizes, gather_indices if gather_indices is not None else m_sizes,
+        x, dy,
+        descriptor_2d(x, config.block_m, config.block_k) if tma_x else None,
+        descriptor_2d(dy, config.block_m, config.block_n) if tma_dy else None,
+        dw, m_sizes, gather_indices if gather_indices is not None else m_sizes,
         num_experts, n, k, topk, *dw.stride(),
-        PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
+        PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_X=tma_x, TMA_DY=tma_dy,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         E_POW2=next_pow2(num_experts),
         UPCAST_DOT=INTERPRETING and x.dtype != torch.float32,
