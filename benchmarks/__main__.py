@@ -29,6 +29,9 @@ def _args(argv):
     p.add_argument("--impls", default=",".join(ALL_IMPLS))
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="", help="suffix for the result file names")
+    p.add_argument("--repeat", default="", metavar="IMPL",
+                   help="time IMPL's forward again at the end of each shape (impl "
+                        "'<IMPL>_again'): checks that the order of measurement does not matter")
     return p.parse_args(argv)
 
 
@@ -68,6 +71,8 @@ def run(args) -> list[dict]:
                   f"N={prob.shape.n} K={prob.shape.k}", flush=True)
             inp = torch_impls.TorchInputs(prob)
             benches = list(torch_impls.all_torch(prob, inp, impls))
+            again = [b for b in benches if b[0] == args.repeat and b[1] == "fwd"][:1]
+            benches += [(f"{impl}_again", op, fn) for impl, op, fn in again]
             for impl, op, fn in benches:
                 try:
                     ms = timing.time_torch(fn)

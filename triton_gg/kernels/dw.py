@@ -6,6 +6,10 @@ seed's design, 0.27x of torch._grouped_mm's backward) and no atomics are needed 
 deterministic). An expert with no rows runs zero iterations and stores exact zeros.
 * permute_x: X is [T, K] in token order, read at gather[p] // topk.
 * permute_y: dY is in routed-row order, read at gather[p].
+N and K are compile-time constants (one compilation per weight shape, as a model has few):
+with static row strides the compiler proves the 16-byte alignment of every row and plans
+its loads; the Pallas kernel, which has static shapes by construction, measured 15-30%
+faster than this one with runtime N and K.
 """
 
 import torch
@@ -20,7 +24,7 @@ from triton_gg.kernels.tma import descriptor_2d, tma_usable
 @triton.jit
 def _dw_kernel(
     x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, m_sizes_ptr, gather_ptr,
-    E, N, K, TOPK, stride_de, stride_dn, stride_dk,
+    E, N: tl.constexpr, K: tl.constexpr, TOPK, stride_de, stride_dn, stride_dk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr,
     TMA_DY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
