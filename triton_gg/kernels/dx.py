@@ -18,7 +18,7 @@ from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 @triton.jit
 def _dx_kernel(
     dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, m_sizes_ptr, gather_ptr,
-    E, N, K, num_m_tiles, stride_we, stride_wn, stride_wk,
+    E, N: tl.constexpr, K: tl.constexpr, num_m_tiles, stride_we, stride_wn, stride_wk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_W: tl.constexpr,
     TMA_DY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

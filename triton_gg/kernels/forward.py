@@ -6,6 +6,10 @@
 * fuse_mul_post: each row is scaled by topk_weights[gather[p]] in the epilogue; with
   STORE_UNWEIGHTED the unscaled row is also stored (the autograd op needs it for the
   gradient of the routing weights).
+
+N and K are compile-time constants: one compilation per weight shape (a model has a few),
+static strides and K-loop trip counts (see benchmarks/NOTES.md, step 4). M and the routing
+stay runtime values, so token counts never recompile.
 """
 
 import torch
@@ -20,7 +24,7 @@ from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, x_desc, w_desc, y_ptr, y_unweighted_ptr, m_sizes_ptr, gather_ptr, topk_weights_ptr,
-    E, N, K, num_m_tiles, TOPK, stride_we, stride_wn, stride_wk,
+    E, N: tl.constexpr, K: tl.constexpr, num_m_tiles, TOPK, stride_we, stride_wn, stride_wk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, FUSE_MUL: tl.constexpr,
     STORE_UNWEIGHTED: tl.constexpr, TMA_W: tl.constexpr, TMA_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
