@@ -11,11 +11,23 @@ shape it cannot serve.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
+@functools.lru_cache(maxsize=None)
+def _device_has_tma(kind: str, index: int | None) -> bool:
+    if kind != "cuda":
+        return True  # the interpreter emulates descriptor loads
+    return torch.cuda.get_device_capability(index)[0] >= 9  # Hopper and newer
+
+
 def tma_usable(t: torch.Tensor, inner_block: int) -> bool:
-    """Can `t` (viewed 2-D, last dim contiguous) be read by TMA tiles `inner_block` wide?"""
+    """Can `t` (viewed 2-D, last dim contiguous) be read by TMA tiles `inner_block` wide, on
+    its device? (Before Hopper there is no TMA engine: the switches then mean nothing.)"""
+    if not _device_has_tma(t.device.type, t.device.index):
+        return False
     if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16:
         return False
     elem = t.element_size()
