@@ -11,9 +11,41 @@ shape it cannot serve.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import threading
 
 import torch
+
+_thread = threading.local()
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def ensure_cuda_context(device: torch.device) -> None:
+    """Make the device's primary context current on this thread.
+
+    Building a TMA descriptor is a driver call that needs a current context, and torch's
+    autograd engine runs backward on a thread of its own that may have none yet (a plain
+    Triton launch sets one up itself, descriptor creation does not). Checked once per thread
+    and device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if getattr(_thread, "device_with_context", None) == index:
+        return
+    lib = _libcuda()
+    ctx = ctypes.c_void_p()
+    if lib.cuCtxGetCurrent(ctypes.byref(ctx)) != 0:
+        raise RuntimeError("cuCtxGetCurrent failed")
+    if not ctx.value:
+        dev = ctypes.c_int()
+        if (lib.cuDeviceGet(ctypes.byref(dev), index) != 0
+                or lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) != 0
+                or lib.cuCtxSetCurrent(ctx) != 0):
+            raise RuntimeError(f"could not make the primary context of cuda:{index} current")
+    _thread.device_with_context = index
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,6 +68,8 @@ def tma_usable(t: torch.Tensor, inner_block: int) -> bool:
 
 def descriptor_2d(t2d: torch.Tensor, block_rows: int, block_cols: int):
     from triton.tools.tensor_descriptor import TensorDescriptor
+    if t2d.is_cuda:
+        ensure_cuda_context(t2d.device)
     return TensorDescriptor.from_tensor(t2d, [block_rows, block_cols])
 
 
