@@ -59,7 +59,8 @@ def forward_impl(x, w, m_sizes, gather_indices, topk_weights, topk, permute_x, p
     m, n = _rows_out(x, gather_indices, permute_x), w.shape[1]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     store_unweighted = store_unweighted and fuse_mul_post
-    y_unweighted = torch.empty((m if store_unweighted else 0, n), dtype=x.dtype, device=x.device)
+    y_unweighted = (torch.empty((m, n), dtype=x.dtype, device=x.device) if store_unweighted
+                    else y.new_empty((0, n)))
     launch_forward(x.contiguous(), w, m_sizes.contiguous(),
                    None if gather_indices is None else gather_indices.contiguous(),
                    None if topk_weights is None else topk_weights.contiguous(),

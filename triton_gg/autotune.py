@@ -46,13 +46,17 @@ def key_for(op: str, dims, dtype: torch.dtype, device: torch.device, *, permute_
                               fuse_mul_post=fuse_mul_post, device=_device_name(device))
 
 
+_MISSING = object()
+
+
 def cached(key: str):
-    if key not in _memory:
+    """The tuned config for `key` from memory or disk; None if never tuned. The disk is read
+    once per key and process (a miss is remembered too: no file read on every call)."""
+    found = _memory.get(key, _MISSING)
+    if found is _MISSING:
         found = tuning_cache.load(BACKEND, key)
-        if found is None:
-            return None
         _memory[key] = found
-    return _memory[key]
+    return found
 
 
 def _time_on_gpu(run: Callable[[], object]) -> float:
