@@ -109,6 +109,19 @@ def run(args) -> list[dict]:
     return rows
 
 
+def _without_out_dir(argv: list[str]) -> str:
+    """The command line as recorded in results: without the (machine-specific) --out path."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return " ".join(out)
+
+
 def main(argv=None) -> int:
     args = _args(argv)
     import torch
@@ -125,8 +138,9 @@ def main(argv=None) -> int:
     report.write_json(out / f"{stem}.json", card, date, _versions(), rows)
     tokens = sorted({r["tokens"] for r in rows})
     md = []
+    shown = _without_out_dir(argv if argv is not None else sys.argv[1:])
     for t in tokens:
-        md.append(f"### T = {t} ({card}, {date}, `python -m benchmarks {' '.join(argv or sys.argv[1:])}`)\n")
+        md.append(f"### T = {t} ({card}, {date}, `python -m benchmarks {shown}`)\n")
         md.append(report.markdown(rows, t))
         md.append("")
         report.plot(out / f"{stem}-T{t}.png", rows, t, f"{card} bf16 T={t}")
