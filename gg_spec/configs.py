@@ -228,7 +228,8 @@ def token_bucket(rows: int) -> int:
 def tuning_key(op: str, *, num_experts: int, n: int, k: int, rows: int, dtype: str,
                permute_x: bool = False, permute_y: bool = False,
                fuse_mul_post: bool = False, device: str = "") -> str:
-    """The key under which both backends cache a tuned config."""
+    """The key under which both backends cache a tuned config. ``device`` is the device's
+    product name with spaces as underscores ("NVIDIA_H200"), or "cpu"."""
     return (f"{op}|E={num_experts}|N={n}|K={k}|rows~{token_bucket(rows)}|{dtype}"
             f"|px={int(permute_x)}|py={int(permute_y)}|mul={int(fuse_mul_post)}|{device}")
 

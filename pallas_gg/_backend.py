@@ -77,6 +77,9 @@ def use_interpreter(*arrays) -> bool:
 
 
 def device_label() -> str:
-    """A short name of the device the kernels run on, for tuning-cache keys."""
+    """The device's product name as tuning-cache keys spell it in both backends
+    ("NVIDIA_H200"; "cpu" without a GPU), so one problem has one key everywhere."""
     dev = jax.devices()[0]
-    return f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+    if dev.platform == "gpu":
+        return getattr(dev, "device_kind", "gpu").replace(" ", "_")
+    return dev.platform

@@ -638,3 +638,19 @@ def test_compare_matches_gg_spec_error_definitions():
     assert parity.compare(np.ones((2, 2)), np.zeros((2, 2)), 1e-4)[0] == math.inf
     assert parity.compare(np.zeros((2, 2)), np.zeros((2, 2)), 1e-4)[:3] == (0.0, 0.0, True)
     assert "shape" in parity.compare(np.zeros((2, 3)), np.zeros((3, 2)), 1.0)[3]
+
+
+def test_both_backends_use_one_tuning_key():
+    """triton_gg and pallas_gg cache a tuned config under the same key for one problem."""
+    pytest.importorskip("triton_gg")
+    pytest.importorskip("pallas_gg")
+    import torch
+    from pallas_gg import tuning
+    from triton_gg import autotune
+
+    import gg_spec
+    dims = gg_spec.Dims(num_experts=8, n=96, k=64, m=300, tokens=150, routed_rows=300)
+    ours = autotune.key_for("dX", dims, torch.bfloat16, torch.device("cpu"), permute_y=True)
+    theirs = tuning._key("dX", num_experts=8, n=96, k=64, rows=300, dtype="bfloat16",
+                         permute_x=False, permute_y=True, fuse_mul_post=False)
+    assert ours == theirs
