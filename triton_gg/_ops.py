@@ -190,13 +190,15 @@ def _backward(ctx, grad_y, _grad_y_unweighted, *, run_dx=dx_op, run_dw=dw_op):
             if y_unweighted is None:
                 raise RuntimeError("topk_weights needs a gradient, but the forward did not "
                                    "keep Y_unweighted (topk_weights.requires_grad was False)")
-            per_row = (dy.float() * y_unweighted.float()).sum(dim=1)
+            # one elementwise pass and an fp32-accumulated row sum; no fp32 copies of [M, N]
+            per_row = (dy * y_unweighted).sum(dim=1, dtype=torch.float32)
             if ctx.permute_y:
                 d_weights = per_row.to(topk_weights.dtype)
             else:
                 d_weights = torch.zeros_like(topk_weights).index_copy(
                     0, gather.long(), per_row.to(topk_weights.dtype))
-        dy = (dy.float() * row_scale.float()[:, None]).to(dy.dtype)
+        # the product is formed in fp32 and rounded once to dY's dtype, as before, in one pass
+        dy = torch.mul(dy, row_scale[:, None]).to(dy.dtype)
     d_x = d_w = None
     if need_x:
         d_x = run_dx(dy, w, m_sizes, gather, ctx.topk, ctx.permute_x, ctx.permute_y,
