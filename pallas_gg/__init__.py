@@ -7,6 +7,7 @@ Public API:
 * ``grouped_gemm``: the differentiable op (``jax.custom_vjp``), jit- and grad-compatible;
 * ``route``: (m_sizes, gather_indices) from topk_ids, on the device;
 * ``ragged_dot``: a drop-in for ``jax.lax.ragged_dot``;
+* ``moe_experts``: the expert block (HF layout) as a pure function of a params pytree;
 * ``tune``: autotune and cache the configs of one problem;
 * ``ForwardConfig``, ``DXConfig``, ``DWConfig``: the kernel configs (from ``gg_spec``).
 
@@ -17,10 +18,12 @@ Pallas interpret mode.
 
 from gg_spec import DWConfig, DXConfig, ForwardConfig
 from pallas_gg.autodiff import grouped_gemm
+from pallas_gg.moe import moe_experts
 from pallas_gg.ops import grouped_gemm_dW, grouped_gemm_dX, grouped_gemm_forward
 from pallas_gg.ragged import ragged_dot
 from pallas_gg.routing import route
 from pallas_gg.tuning import tune
 
 __all__ = ["DWConfig", "DXConfig", "ForwardConfig", "grouped_gemm", "grouped_gemm_dW",
-           "grouped_gemm_dX", "grouped_gemm_forward", "ragged_dot", "route", "tune"]
+           "grouped_gemm_dX", "grouped_gemm_forward", "moe_experts", "ragged_dot", "route",
+           "tune"]
