@@ -41,35 +41,38 @@ def check_config(op, config, *, permute_x, permute_y, fuse_mul_post=False):
                      fuse_mul_post=fuse_mul_post)
 
 
+def _finish(op, dims, first, first_name, m_sizes, gather, config, *, permute_x, permute_y,
+            fuse_mul_post=False):
+    """What every op checks after its shapes: the device, the config, the routing values
+    (the gather indices only where a fusion reads them)."""
+    check_device(first, first_name)
+    if config is not None:
+        check_config(op, config, permute_x=permute_x, permute_y=permute_y,
+                     fuse_mul_post=fuse_mul_post)
+    uses_gather = permute_x or permute_y or fuse_mul_post
+    check_values(dims, m_sizes, gather if uses_gather else None)
+    return dims
+
+
 def check_forward(x, w, m_sizes, gather, topk, *, permute_x, permute_y, topk_weights,
                   fuse_mul_post, config):
     dims = checks.check_forward(describe(x), describe(w), describe(m_sizes), describe(gather),
                                 topk, permute_x=permute_x, permute_y=permute_y,
                                 topk_weights=describe(topk_weights),
                                 fuse_mul_post=fuse_mul_post)
-    check_device(x, "X")
-    if config is not None:
-        check_config("forward", config, permute_x=permute_x, permute_y=permute_y,
-                     fuse_mul_post=fuse_mul_post)
-    check_values(dims, m_sizes, gather if (permute_x or permute_y or fuse_mul_post) else None)
-    return dims
+    return _finish("forward", dims, x, "X", m_sizes, gather, config, permute_x=permute_x,
+                   permute_y=permute_y, fuse_mul_post=fuse_mul_post)
 
 
 def check_dX(dy, w, m_sizes, gather, topk, *, permute_x, permute_y, config):
     dims = checks.check_dX(describe(dy), describe(w), describe(m_sizes), describe(gather),
                            topk, permute_x=permute_x, permute_y=permute_y)
-    check_device(dy, "dY")
-    if config is not None:
-        check_config("dX", config, permute_x=permute_x, permute_y=permute_y)
-    check_values(dims, m_sizes, gather if (permute_x or permute_y) else None)
-    return dims
+    return _finish("dX", dims, dy, "dY", m_sizes, gather, config, permute_x=permute_x,
+                   permute_y=permute_y)
 
 
 def check_dW(x, dy, m_sizes, gather, topk, *, permute_x, permute_y, config):
     dims = checks.check_dW(describe(x), describe(dy), describe(m_sizes), describe(gather),
                            topk, permute_x=permute_x, permute_y=permute_y)
-    check_device(x, "X")
-    if config is not None:
-        check_config("dW", config, permute_x=permute_x, permute_y=permute_y)
-    check_values(dims, m_sizes, gather if (permute_x or permute_y) else None)
-    return dims
+    return _finish("dW", dims, x, "X", m_sizes, gather, config, permute_x=permute_x,
+                   permute_y=permute_y)
