@@ -129,16 +129,9 @@ def grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
     forward_config = _forward_config(forward_config, autotune, dims, X, W, m_sizes,
                                      gather_indices, topk, permute_x, permute_y, topk_weights,
                                      fuse_mul_post)
-    if autotune and (dx_config is None or dw_config is None):
-        # Backward's inputs don't exist yet: tune dX and dW on a random dY of the right shape
-        # (their speed does not depend on the values); cached choices need no probe.
-        tunable = X.is_cuda and not torch.compiler.is_compiling()
-        probe = (torch.randn((dims.m, dims.n), dtype=X.dtype, device=X.device) if tunable
-                 else torch.empty((dims.m, dims.n), dtype=X.dtype, device=X.device))
-        dx_config = dx_config or _dx_config(None, True, dims, probe, W, m_sizes,
-                                            gather_indices, topk, permute_x, permute_y)
-        dw_config = dw_config or _dw_config(None, True, dims, X, probe, m_sizes,
-                                            gather_indices, topk, permute_x, permute_y)
+    if autotune:
+        dx_config, dw_config = _backward_configs(dx_config, dw_config, dims, X, W, m_sizes,
+                                                 gather_indices, topk, permute_x, permute_y)
     dx_config = dx_config or default_config("dX")
     dw_config = dw_config or default_config("dW")
     store_unweighted = bool(fuse_mul_post and topk_weights is not None
@@ -148,3 +141,22 @@ def grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
                              _ops.encode(forward_config), _ops.encode(dx_config),
                              _ops.encode(dw_config))
 
+
+def _backward_configs(dx_config, dw_config, dims, X, W, m_sizes, gather, topk, permute_x,
+                      permute_y):
+    """dX and dW configs for autotune=True, known before the backward runs: cached choices,
+    else (on a GPU, outside tracing) tuned on a random dY of the right shape, whose values
+    do not change the speed. The probe is drawn only when a choice is missing."""
+    flags = dict(permute_x=permute_x, permute_y=permute_y)
+    dx_config = dx_config or autotune.cached(autotune.key_for("dX", dims, X.dtype, X.device,
+                                                              **flags))
+    dw_config = dw_config or autotune.cached(autotune.key_for("dW", dims, X.dtype, X.device,
+                                                              **flags))
+    if (dx_config and dw_config) or not X.is_cuda or torch.compiler.is_compiling():
+        return dx_config, dw_config
+    probe = torch.randn((dims.m, dims.n), dtype=X.dtype, device=X.device)
+    dx_config = dx_config or _dx_config(None, True, dims, probe, W, m_sizes, gather, topk,
+                                        permute_x, permute_y)
+    dw_config = dw_config or _dw_config(None, True, dims, X, probe, m_sizes, gather, topk,
+                                        permute_x, permute_y)
+    return dx_config, dw_config
