@@ -305,7 +305,7 @@ def test_grouped_mm_matches_torch_reference(rng):
 # -------------------------------------------------------------------- gradcheck, compile
 
 @pytest.mark.filterwarnings("ignore:Input #:UserWarning")
-def test_gradcheck_fp64_via_fp32_kernels():
+def test_gradcheck_fp32():
     """torch.autograd.gradcheck on a tiny fp32 case (the kernels do not take fp64), with
     tolerances sized for fp32 rounding in the finite differences."""
     shape = gg_spec.GemmShape("gradcheck", num_experts=3, n=6, k=5, topk=2,
