@@ -22,11 +22,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gg_spec import DWConfig, DXConfig, ForwardConfig, checks
+from gg_spec import DWConfig, DXConfig, ForwardConfig
 from pallas_gg import triton_lowering
 from pallas_gg._backend import resolve_backend, use_interpreter
-from pallas_gg._validate import arg_infos, as_array, check_routing_values
-from pallas_gg.ops import resolve_config
+from pallas_gg._validate import check_routing_values
+from pallas_gg.ops import check_forward_args, resolve_config
 from pallas_gg.tuning import autotuned_config
 
 
@@ -126,13 +126,9 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
     config always wins over autotuning.
     """
     resolve_backend(backend)
-    X, W, m_sizes, gather_indices, topk_weights = map(
-        as_array, (X, W, m_sizes, gather_indices, topk_weights))
-    info = arg_infos(X=X, W=W, m_sizes=m_sizes, gather_indices=gather_indices,
-                     topk_weights=topk_weights)
-    dims = checks.check_forward(info["X"], info["W"], info["m_sizes"], info["gather_indices"],
-                                topk, permute_x=permute_x, permute_y=permute_y,
-                                topk_weights=info["topk_weights"], fuse_mul_post=fuse_mul_post)
+    X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
+        X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
+        permute_y=permute_y, fuse_mul_post=fuse_mul_post)
     if permute_x and dims.m != dims.tokens * topk:
         raise ValueError(f"with permute_x, gather_indices has {dims.m} entries but X has "
                          f"T={dims.tokens} tokens and topk={topk}: expected T*topk rows")

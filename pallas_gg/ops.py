@@ -29,6 +29,20 @@ def _index_array(a):
     return None if a is None else a.astype(jnp.int32)
 
 
+def check_forward_args(X, W, m_sizes, gather_indices, topk_weights, topk, *, permute_x,
+                       permute_y, fuse_mul_post):
+    """The forward's arguments as arrays, and their Dims (shape checks of gg_spec); shared by
+    ``grouped_gemm_forward`` and the differentiable ``grouped_gemm``."""
+    X, W, m_sizes, gather_indices, topk_weights = map(
+        as_array, (X, W, m_sizes, gather_indices, topk_weights))
+    info = arg_infos(X=X, W=W, m_sizes=m_sizes, gather_indices=gather_indices,
+                     topk_weights=topk_weights)
+    dims = checks.check_forward(info["X"], info["W"], info["m_sizes"], info["gather_indices"],
+                                topk, permute_x=permute_x, permute_y=permute_y,
+                                topk_weights=info["topk_weights"], fuse_mul_post=fuse_mul_post)
+    return X, W, m_sizes, gather_indices, topk_weights, dims
+
+
 def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False,
                          permute_y=False, topk_weights=None, fuse_mul_post=False, config=None,
                          backend="auto"):
@@ -41,13 +55,9 @@ def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False
     Y[gather_indices[p]] (Y in routed-row order). ``config`` is a ``ForwardConfig``.
     """
     resolve_backend(backend)
-    X, W, m_sizes, gather_indices, topk_weights = map(
-        as_array, (X, W, m_sizes, gather_indices, topk_weights))
-    info = arg_infos(X=X, W=W, m_sizes=m_sizes, gather_indices=gather_indices,
-                     topk_weights=topk_weights)
-    dims = checks.check_forward(info["X"], info["W"], info["m_sizes"], info["gather_indices"],
-                                topk, permute_x=permute_x, permute_y=permute_y,
-                                topk_weights=info["topk_weights"], fuse_mul_post=fuse_mul_post)
+    X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
+        X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
+        permute_y=permute_y, fuse_mul_post=fuse_mul_post)
     config = resolve_config("forward", config, permute_x=permute_x, permute_y=permute_y,
                             fuse_mul_post=fuse_mul_post)
     check_routing_values(dims, m_sizes, gather_indices)
