@@ -12,6 +12,13 @@ import pytest
 # JAX must not grab the whole GPU when torch shares it in one process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+# triton_gg switches the Triton interpreter on (where there is no GPU) only if it is imported
+# before triton itself; some tests import triton directly, so import it first, whatever runs.
+try:
+    import triton_gg  # noqa: F401
+except ImportError:  # torch/triton not installed: those tests skip themselves
+    pass
+
 
 def _has_cuda() -> bool:
     try:

@@ -13,9 +13,12 @@ import sys
 
 import torch
 
+# Why CPU tensors cannot be interpreted in this process, if they cannot (for the error).
+_NO_INTERPRETER = "a GPU is present, so Triton compiles for it"
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     if "triton" in sys.modules:  # too late to switch: decorations already happened
         import warnings
+        _NO_INTERPRETER = "triton was imported before triton_gg, too late to switch it on"
         warnings.warn("triton was imported before triton_gg on a machine without a GPU; set "
                       "TRITON_INTERPRET=1 before importing triton to run triton_gg on CPU")
     else:
@@ -55,9 +58,9 @@ def check_device(tensor: torch.Tensor, name: str) -> None:
         return
     if tensor.device.type == "cpu":
         if not INTERPRETING:
-            raise ValueError(f"{name} is on CPU, but a GPU is present so Triton compiles for "
-                             f"it; move the tensors to CUDA, or set TRITON_INTERPRET=1 before "
-                             f"importing triton_gg to interpret on CPU")
+            raise ValueError(f"{name} is on CPU, but the Triton interpreter is off "
+                             f"({_NO_INTERPRETER}); move the tensors to CUDA, or set "
+                             f"TRITON_INTERPRET=1 before importing triton to interpret on CPU")
         return
     raise ValueError(f"{name} is on {tensor.device}; triton_gg runs on CUDA or (interpreted) "
                      f"CPU tensors")
