@@ -103,6 +103,19 @@ def _fusion_kw(case) -> dict:
     return {"permute_x": f.permute_x, "permute_y": f.permute_y}
 
 
+def _run_direct(mod, op, case, X, W, dY, tw, ms, g, configs, kw) -> dict:
+    """forward / dX / dW through the contract's direct functions of `mod` (triton_gg and
+    pallas_gg share names and arguments); configs = (forward, dX, dW) configs or None."""
+    f, k = case.fusion, case.topk
+    if op == "forward":
+        fn = _attr(mod, "grouped_gemm_forward")
+        return {"Y": fn(X, W, ms, g, k, **kw, topk_weights=tw if f.fuse_mul_post else None,
+                        fuse_mul_post=f.fuse_mul_post, config=configs[0])}
+    if op == "dX":
+        return {"dX": _attr(mod, "grouped_gemm_dX")(dY, W, ms, g, k, **kw, config=configs[1])}
+    return {"dW": _attr(mod, "grouped_gemm_dW")(X, dY, ms, g, k, **kw, config=configs[2])}
+
+
 def _expert_bounds(m_sizes: np.ndarray) -> list[tuple[int, int, int]]:
     """[(e, lo, hi)]: expert e owns expert-order positions [lo, hi)."""
     offs = expert_offsets(m_sizes)
@@ -286,20 +299,13 @@ class TritonGG(Backend):
 
     def run(self, case, inputs, op):
         mod = _import("triton_gg")
-        f, k = case.fusion, case.topk
+        k = case.topk
         X, W, dY, tw = (inputs.torch(n) for n in ("x", "w", "dy", "topk_weights"))
         ms, g = inputs.torch("m_sizes"), inputs.torch("gather_indices")
         kw = _fusion_kw(case)
-        if op == "forward":
-            fn = _attr(mod, "grouped_gemm_forward")
-            return {"Y": fn(X, W, ms, g, k, **kw, topk_weights=tw if f.fuse_mul_post else None,
-                            fuse_mul_post=f.fuse_mul_post, config=self.forward_config)}
-        if op == "dX":
-            return {"dX": _attr(mod, "grouped_gemm_dX")(dY, W, ms, g, k, **kw,
-                                                          config=self.dx_config)}
-        if op == "dW":
-            return {"dW": _attr(mod, "grouped_gemm_dW")(X, dY, ms, g, k, **kw,
-                                                          config=self.dw_config)}
+        if op in ("forward", "dX", "dW"):
+            return _run_direct(mod, op, case, X, W, dY, tw, ms, g,
+                               (self.forward_config, self.dx_config, self.dw_config), kw)
         return self._autograd(_attr(mod, "grouped_gemm"), X, W, dY, tw, ms, g, k, case)
 
     def _autograd(self, fn, X, W, dY, tw, ms, g, k, case):
@@ -349,20 +355,13 @@ class PallasGG(Backend):
 
     def run(self, case, inputs, op):
         mod = _import("pallas_gg")
-        f, k = case.fusion, case.topk
+        k = case.topk
         X, W, dY, tw = (inputs.jax(n) for n in ("x", "w", "dy", "topk_weights"))
         ms, g = inputs.jax("m_sizes"), inputs.jax("gather_indices")
         kw = {**_fusion_kw(case), **self._lowering_kw()}
-        if op == "forward":
-            fn = _attr(mod, "grouped_gemm_forward")
-            return {"Y": fn(X, W, ms, g, k, **kw, topk_weights=tw if f.fuse_mul_post else None,
-                            fuse_mul_post=f.fuse_mul_post, config=self.forward_config)}
-        if op == "dX":
-            return {"dX": _attr(mod, "grouped_gemm_dX")(dY, W, ms, g, k, **kw,
-                                                          config=self.dx_config)}
-        if op == "dW":
-            return {"dW": _attr(mod, "grouped_gemm_dW")(X, dY, ms, g, k, **kw,
-                                                          config=self.dw_config)}
+        if op in ("forward", "dX", "dW"):
+            return _run_direct(mod, op, case, X, W, dY, tw, ms, g,
+                               (self.forward_config, self.dx_config, self.dw_config), kw)
         return self._autograd(_attr(mod, "grouped_gemm"), X, W, dY, tw, ms, g, k, case, kw)
 
     def _autograd(self, fn, X, W, dY, tw, ms, g, k, case, kw):
