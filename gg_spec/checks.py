@@ -9,7 +9,9 @@ that the backend reads off the device in one transfer, and are skipped under tra
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -51,8 +53,23 @@ def set_value_checks(enabled: bool) -> bool:
     return previous
 
 
+_trusted = threading.local()
+
+
 def value_checks_enabled() -> bool:
-    return _value_checks_enabled
+    return _value_checks_enabled and not getattr(_trusted, "depth", 0)
+
+
+@contextlib.contextmanager
+def routing_trusted():
+    """Skip the value checks inside: for callers that built ``m_sizes`` and the gather
+    indices themselves on the device (the MoE expert blocks, from ``route``), whose values
+    are right by construction and whose check would cost a host sync per GEMM."""
+    _trusted.depth = getattr(_trusted, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _trusted.depth -= 1
 
 
 def _fail(msg: str):

@@ -12,14 +12,24 @@ from pallas_gg.moe import init_params  # noqa: E402
 
 
 def eager_experts(params, hidden, idx, weights):
-    """Every expert on every token, masked by the routing (dense, obviously right)."""
+    """Every expert on every token, masked by the routing (dense, obviously right); ids
+    outside [0, E) match no expert."""
     out = jnp.zeros_like(hidden)
+    b1, b2 = params.get("gate_up_proj_bias"), params.get("down_proj_bias")
     for e in range(params["gate_up_proj"].shape[0]):
-        gate, up = jnp.split(hidden @ params["gate_up_proj"][e].T, 2, axis=-1)
-        y = (jax.nn.silu(gate) * up) @ params["down_proj"][e].T
+        h = hidden @ params["gate_up_proj"][e].T + (0.0 if b1 is None else b1[e])
+        gate, up = jnp.split(h, 2, axis=-1)
+        y = (jax.nn.silu(gate) * up) @ params["down_proj"][e].T + (0.0 if b2 is None else b2[e])
         weight = jnp.sum(jnp.where(idx == e, weights, 0.0), axis=1)
         out = out + y * weight[:, None]
     return out
+
+
+def _with_biases(params, seed=7):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    e, two_i, h = params["gate_up_proj"].shape
+    return dict(params, gate_up_proj_bias=jax.random.normal(k1, (e, two_i)) * 0.1,
+                down_proj_bias=jax.random.normal(k2, (e, h)) * 0.1)
 
 
 def _problem(seed, tokens, experts, topk, hidden_size, inter):
@@ -32,10 +42,16 @@ def _problem(seed, tokens, experts, topk, hidden_size, inter):
     return params, hidden, idx, weights
 
 
-@pytest.mark.parametrize("tokens,experts,topk,hidden_size,inter",
-                         [(11, 4, 2, 32, 24), (7, 6, 3, 40, 19), (5, 4, 1, 16, 16)])
-def test_moe_experts_matches_eager(tokens, experts, topk, hidden_size, inter):
+@pytest.mark.parametrize("tokens,experts,topk,hidden_size,inter,variant",
+                         [(11, 4, 2, 32, 24, "plain"), (7, 6, 3, 40, 19, "plain"),
+                          (5, 4, 1, 16, 16, "plain"), (9, 4, 2, 24, 8, "biases"),
+                          (9, 4, 3, 24, 8, "foreign_ids")])
+def test_moe_experts_matches_eager(tokens, experts, topk, hidden_size, inter, variant):
     params, hidden, idx, weights = _problem(tokens, tokens, experts, topk, hidden_size, inter)
+    if variant == "biases":
+        params = _with_biases(params)
+    if variant == "foreign_ids":  # expert-parallel sentinels: contribute nothing
+        idx = idx.at[::2, 0].set(experts).at[1, 1].set(-1)
 
     def loss(fn, params, hidden, weights):
         return jnp.sum(fn(params, hidden, idx, weights) ** 2)
@@ -72,3 +88,36 @@ def test_validation():
     bad = dict(params, down_proj=params["down_proj"][:, :, :4])
     with pytest.raises(ValueError, match="down_proj"):
         pallas_gg.moe_experts(bad, hidden, idx, weights)
+
+
+def test_torch_and_jax_layers_agree_with_biases_and_foreign_ids():
+    torch = pytest.importorskip("torch")
+    triton_gg = pytest.importorskip("triton_gg")
+    params, hidden, idx, weights = _problem(5, 9, 4, 2, 32, 24)
+    params = _with_biases(params)
+    idx = idx.at[0].set(4).at[3, 1].set(7)
+    out_jax = np.asarray(pallas_gg.moe_experts(params, hidden, idx, weights))
+
+    def t(a):
+        return torch.from_numpy(np.array(a))
+    out_torch = triton_gg.moe_experts(
+        t(hidden), t(params["gate_up_proj"]), t(params["down_proj"]), t(idx).long(),
+        t(weights), gate_up_bias=t(params["gate_up_proj_bias"]),
+        down_bias=t(params["down_proj_bias"]))
+    np.testing.assert_allclose(out_torch.numpy(), out_jax, rtol=1e-4, atol=1e-5)
+    assert np.all(out_jax[0] == 0)
+
+
+def test_nnx_module():
+    nnx = pytest.importorskip("flax.nnx")
+    from pallas_gg.nnx import MoEExperts
+    layer = MoEExperts(4, 16, 8, rngs=nnx.Rngs(0), bias=True)
+    _, hidden, idx, weights = _problem(1, 6, 4, 2, 16, 8)
+    out = nnx.jit(lambda m, h: m(h, idx, weights))(layer, hidden)
+    np.testing.assert_allclose(out, eager_experts(layer.params(), hidden, idx, weights),
+                               rtol=1e-4, atol=1e-5)
+    grads = nnx.grad(lambda m: jnp.sum(m(hidden, idx, weights) ** 2))(layer)
+    ref = jax.grad(lambda p: jnp.sum(eager_experts(p, hidden, idx, weights) ** 2))(
+        layer.params())
+    for name, g in ref.items():
+        np.testing.assert_allclose(grads[name][...], g, rtol=1e-4, atol=1e-5)

@@ -60,3 +60,48 @@ def test_module_and_validation():
                               weights)
     with pytest.raises(ValueError, match="tokens"):
         triton_gg.moe_experts(hidden[:5], layer.gate_up_proj, layer.down_proj, idx, weights)
+
+
+def test_biases_and_foreign_ids_match_eager():
+    """Optional biases (the second weighted by the routing weight, as the eager HF loop does)
+    and ids outside [0, E), which contribute nothing; gradients of every input."""
+    gen = torch.Generator().manual_seed(11)
+    t, e, k, h, i = 9, 4, 3, 24, 8
+    hidden = torch.randn(t, h, generator=gen, requires_grad=True)
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).requires_grad_(True)
+    down = (torch.randn(e, h, i, generator=gen) / i**0.5).requires_grad_(True)
+    b1 = (torch.randn(e, 2 * i, generator=gen) * 0.1).requires_grad_(True)
+    b2 = (torch.randn(e, h, generator=gen) * 0.1).requires_grad_(True)
+    idx = torch.topk(torch.randn(t, e, generator=gen), k, dim=-1).indices
+    idx[::2, 0] = e
+    idx[1, 1] = -1
+    weights = torch.softmax(torch.randn(t, k, generator=gen), -1).requires_grad_(True)
+    inputs = (hidden, gate_up, down, b1, b2, weights)
+
+    ours = triton_gg.moe_experts(hidden, gate_up, down, idx, weights, gate_up_bias=b1,
+                                 down_bias=b2)
+    ref = hidden * 0.0
+    for ex in range(e):
+        token, slot = torch.nonzero(idx == ex, as_tuple=True)
+        gate, up = (hidden[token] @ gate_up[ex].T + b1[ex]).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ down[ex].T + b2[ex]
+        ref = ref.index_add(0, token, y * weights[token, slot, None])
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    dout = torch.randn(t, h, generator=gen)
+    for g, r in zip(torch.autograd.grad(ours, inputs, dout),
+                    torch.autograd.grad(ref, inputs, dout)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_no_host_sync_in_the_block(monkeypatch):
+    """Routing is built on the device and trusted: no value check (a host read) runs."""
+    import triton_gg._validate as v
+    reads = []
+    monkeypatch.setattr(v.checks, "check_values", lambda *a: reads.append(a))
+    layer = triton_gg.MoEExperts(4, 16, 8)
+    layer(torch.randn(5, 16), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)).sum().backward()
+    assert reads == []
+    x = torch.randn(6, 16)
+    m_sizes = torch.tensor([6, 0, 0, 0], dtype=torch.int32)
+    triton_gg.grouped_gemm_forward(x, layer.gate_up_proj.detach(), m_sizes, None, 1)
+    assert len(reads) == 1  # the direct call still checks

@@ -11,9 +11,10 @@ from gg_spec import DWConfig, DXConfig, ForwardConfig, set_value_checks
 from triton_gg.api import (grouped_gemm, grouped_gemm_dW, grouped_gemm_dX,
                            grouped_gemm_forward)
 from triton_gg.grouped_mm import grouped_mm
+from triton_gg.hf import register_hf_experts
 from triton_gg.moe import MoEExperts, moe_experts
 from triton_gg.routing import route
 
 __all__ = ["DWConfig", "DXConfig", "ForwardConfig", "MoEExperts", "grouped_gemm",
            "grouped_gemm_dW", "grouped_gemm_dX", "grouped_gemm_forward", "grouped_mm",
-           "moe_experts", "route", "set_value_checks"]
+           "moe_experts", "register_hf_experts", "route", "set_value_checks"]

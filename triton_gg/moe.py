@@ -1,12 +1,18 @@
 """The MoE expert block on triton_gg's kernels, in the Hugging Face weight layout.
 
-    hidden [T, H] --gather (permute_x)--> gate_up_proj [E, 2I, H] --> act(gate) * up [M, I]
-                  --> down_proj [E, H, I], scatter (permute_y), routing weight (fuse_mul_post)
-                  --> sum over each token's k rows --> [T, H]
+    hidden [T, H] --gather (permute_x)--> gate_up_proj [E, 2I, H] (+ bias) --> act(gate) * up
+                  [M, I] --> down_proj [E, H, I], scatter (permute_y), routing weight
+                  (fuse_mul_post) --> sum over each token's k rows (+ weighted bias) --> [T, H]
 
-Routing runs on the device (no host sync); every step is differentiable (hidden, both weight
-tensors and the routing weights get gradients). Groundwork for the Hugging Face experts
-integration (not registered with transformers yet).
+Routing runs on the device and nothing reads the device from the host: the routing tensors
+are built here by ``route`` (right by construction), so the GEMMs' value checks, a host sync
+each, are skipped. Every step is differentiable (hidden, both weight tensors, the biases and
+the routing weights get gradients).
+
+Slots whose expert id lies outside [0, E) contribute nothing (the convention of transformers'
+expert parallelism, whose dispatcher marks tokens of other ranks' experts with such ids): their
+routing weight is replaced by zero and the id by 0 before routing, so the kernels never see
+an out-of-range id and no host check is needed.
 """
 
 from __future__ import annotations
@@ -16,49 +22,124 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gg_spec.checks import routing_trusted
 from triton_gg.api import grouped_gemm
 from triton_gg.routing import route
 
 
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def _check_block(hidden, w1, w2, top_k_index, top_k_weights, b1, b2, names):
+    """Shapes of one expert block: hidden [T, H], w1 [E, N1, H], w2 [E, H, I],
+    top_k_index / top_k_weights [T, k], b1 [E, N1], b2 [E, H]."""
+    w1_name, w2_name = names
+    if hidden.ndim != 2 or top_k_index.ndim != 2 or top_k_index.shape != top_k_weights.shape:
+        _fail(f"expected hidden [T, H], top_k_index and top_k_weights [T, k]; got "
+              f"{tuple(hidden.shape)}, {tuple(top_k_index.shape)}, "
+              f"{tuple(top_k_weights.shape)}")
+    if top_k_index.shape[0] != hidden.shape[0]:
+        _fail(f"top_k_index {tuple(top_k_index.shape)} has {top_k_index.shape[0]} tokens, "
+              f"hidden {tuple(hidden.shape)} has {hidden.shape[0]}")
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        _fail(f"top_k_index must be int32 or int64, got {top_k_index.dtype}")
+    if w1.ndim != 3 or w2.ndim != 3:
+        _fail(f"expected {w1_name} [E, N, H] and {w2_name} [E, H, I]; got "
+              f"{tuple(w1.shape)} and {tuple(w2.shape)}")
+    if w1.shape[2] != hidden.shape[1] or w2.shape[1] != hidden.shape[1]:
+        _fail(f"{w1_name} {tuple(w1.shape)} and {w2_name} {tuple(w2.shape)} must both take "
+              f"H={hidden.shape[1]} of hidden {tuple(hidden.shape)}")
+    if w1.shape[0] != w2.shape[0]:
+        _fail(f"{w1_name} {tuple(w1.shape)} and {w2_name} {tuple(w2.shape)} disagree on the "
+              f"number of experts")
+    for name, bias, want in (("gate_up_bias", b1, (w1.shape[0], w1.shape[1])),
+                             ("down_bias", b2, (w2.shape[0], w2.shape[1]))):
+        if bias is not None and tuple(bias.shape) != want:
+            _fail(f"{name} must be [E, N] = {want}, got {tuple(bias.shape)}")
+
+
+def _mask_foreign_slots(top_k_index, top_k_weights, num_experts):
+    """Ids outside [0, E) -> expert 0 with routing weight 0 (see the module docstring)."""
+    valid = (top_k_index >= 0) & (top_k_index < num_experts)
+    index = torch.where(valid, top_k_index, torch.zeros_like(top_k_index))
+    weights = torch.where(valid, top_k_weights, torch.zeros_like(top_k_weights))
+    return index, weights
+
+
+def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 mid: Callable[[torch.Tensor], torch.Tensor], *,
+                 b1: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+                 autotune: bool = False, names=("w1", "w2")) -> torch.Tensor:
+    """out [T, H] = sum_j top_k_weights[t, j] * (w2[e_j] mid(w1[e_j] x_t + b1[e_j]) + b2[e_j]).
+
+    The general block behind ``moe_experts`` and the transformers integration: w1 [E, N1, H]
+    and w2 [E, H, I] in ``nn.Linear`` layout (any strides: transposed views are not copied),
+    ``mid`` maps the first GEMM's rows [M, N1] to [M, I] (SiLU-gate, a model's own gate, or a
+    plain activation). The result has hidden's dtype; the GEMMs run in w1's dtype.
+    """
+    _check_block(hidden, w1, w2, top_k_index, top_k_weights, b1, b2, names)
+    tokens, topk = top_k_index.shape
+    num_experts = w1.shape[0]
+    x = hidden.to(w1.dtype)
+    index, weights = _mask_foreign_slots(top_k_index, top_k_weights.to(w1.dtype), num_experts)
+    with routing_trusted():
+        m_sizes, gather = route(index, num_experts)
+        h = grouped_gemm(x, w1, m_sizes, gather, topk, permute_x=True,
+                         autotune=autotune)                               # [M, N1]
+        if b1 is not None:  # expert of each expert-order position: the sorted ids
+            h = h + b1.to(h.dtype)[index.reshape(-1)[gather.long()]]
+        a = mid(h)                                                        # [M, I]
+        if a.ndim != 2 or a.shape[0] != h.shape[0] or a.shape[1] != w2.shape[2]:
+            _fail(f"the activation/gate maps the first GEMM's {tuple(h.shape)} to "
+                  f"{tuple(a.shape)}, but {names[1]} {tuple(w2.shape)} takes "
+                  f"[{h.shape[0]}, {w2.shape[2]}]")
+        y = grouped_gemm(a.to(w2.dtype), w2, m_sizes, gather, topk, permute_y=True,
+                         topk_weights=weights.reshape(-1), fuse_mul_post=True,
+                         autotune=autotune)                               # [T*k, H]
+    out = y.view(tokens, topk, w2.shape[1]).sum(dim=1)
+    if b2 is not None:  # sum_j w_j * b2[e_j]: the bias rides the routing weight too
+        out = out + torch.einsum("tk,tkh->th", weights, b2.to(weights.dtype)[index])
+    return out.to(hidden.dtype)
+
+
+def silu_gate(act: Callable[[torch.Tensor], torch.Tensor] = nn.functional.silu):
+    """The usual gated MLP middle on concatenated [gate | up] rows: act(gate) * up."""
+    def mid(h):
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return mid
+
+
 def moe_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *,
+                gate_up_bias: torch.Tensor | None = None,
+                down_bias: torch.Tensor | None = None,
                 act: Callable[[torch.Tensor], torch.Tensor] = nn.functional.silu,
                 autotune: bool = False) -> torch.Tensor:
     """out [T, H] = sum_j top_k_weights[t, j] * down[e_j](act(gate[e_j] x_t) * up[e_j] x_t).
 
     hidden [T, H]; gate_up_proj [E, 2I, H] (gate rows first, then up, as Hugging Face stores
-    them); down_proj [E, H, I]; top_k_index [T, k] int; top_k_weights [T, k].
+    them); down_proj [E, H, I]; top_k_index [T, k] int; top_k_weights [T, k]; optional
+    gate_up_bias [E, 2I] and down_bias [E, H]. Slots with an expert id outside [0, E)
+    contribute nothing. Runs without a host sync.
     """
-    if hidden.ndim != 2 or top_k_index.ndim != 2 or top_k_index.shape != top_k_weights.shape:
-        raise ValueError(f"expected hidden [T, H], top_k_index and top_k_weights [T, k]; got "
-                         f"{tuple(hidden.shape)}, {tuple(top_k_index.shape)}, "
-                         f"{tuple(top_k_weights.shape)}")
-    if top_k_index.shape[0] != hidden.shape[0]:
-        raise ValueError(f"top_k_index has {top_k_index.shape[0]} tokens, hidden "
-                         f"{hidden.shape[0]}")
-    if gate_up_proj.ndim != 3 or down_proj.ndim != 3 or gate_up_proj.shape[1] % 2:
-        raise ValueError(f"expected gate_up_proj [E, 2I, H] and down_proj [E, H, I]; got "
-                         f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
-    if down_proj.shape[2] * 2 != gate_up_proj.shape[1]:
-        raise ValueError(f"down_proj {tuple(down_proj.shape)} takes I={down_proj.shape[2]} "
-                         f"but gate_up_proj {tuple(gate_up_proj.shape)} makes "
-                         f"I={gate_up_proj.shape[1] // 2}")
-    tokens, topk = top_k_index.shape
-    num_experts = gate_up_proj.shape[0]
-    m_sizes, gather = route(top_k_index, num_experts)
-    h = grouped_gemm(hidden, gate_up_proj, m_sizes, gather, topk, permute_x=True,
-                     autotune=autotune)                                   # [M, 2I]
-    gate, up = h.chunk(2, dim=-1)
-    a = act(gate) * up                                                    # [M, I]
-    y = grouped_gemm(a, down_proj, m_sizes, gather, topk, permute_y=True,
-                     topk_weights=top_k_weights.reshape(-1).to(hidden.dtype),
-                     fuse_mul_post=True, autotune=autotune)               # [T*k, H]
-    return y.view(tokens, topk, down_proj.shape[1]).sum(dim=1)
+    if gate_up_proj.ndim == 3 and gate_up_proj.shape[1] % 2:
+        _fail(f"gate_up_proj {tuple(gate_up_proj.shape)} must be [E, 2I, H] (even rows)")
+    if (gate_up_proj.ndim == 3 and down_proj.ndim == 3
+            and down_proj.shape[2] * 2 != gate_up_proj.shape[1]):
+        _fail(f"down_proj {tuple(down_proj.shape)} takes I={down_proj.shape[2]} but "
+              f"gate_up_proj {tuple(gate_up_proj.shape)} makes I={gate_up_proj.shape[1] // 2}")
+    return expert_block(hidden, gate_up_proj, down_proj, top_k_index, top_k_weights,
+                        silu_gate(act), b1=gate_up_bias, b2=down_bias, autotune=autotune,
+                        names=("gate_up_proj", "down_proj"))
 
 
 class MoEExperts(nn.Module):
     """Experts of an MoE MLP with the Hugging Face layout (``gate_up_proj [E, 2I, H]``,
-    ``down_proj [E, H, I]``) running on triton_gg."""
+    ``down_proj [E, H, I]``) running on triton_gg. forward(hidden [T, H],
+    top_k_index [T, k], top_k_weights [T, k]) -> [T, H]."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *,
                  act: Callable[[torch.Tensor], torch.Tensor] = nn.functional.silu,

@@ -1,0 +1,187 @@
+"""triton_gg as transformers' experts implementation: tiny random models built from configs
+(no downloads) run with experts_implementation="triton_gg" and with "eager"; logits and every
+parameter's gradient agree. fp32 through the Triton interpreter on CPU; bf16 under -m gpu."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+triton_gg = pytest.importorskip("triton_gg")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.integrations.moe import ExpertsInterface  # noqa: E402
+
+import gg_spec  # noqa: E402
+import triton_gg.hf as hf  # noqa: E402
+
+VOCAB = 64
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64)
+
+
+def _configs(scale: int = 1):
+    """Tiny configs of architectures whose experts use transformers' experts interface.
+    Between them: concatenated and interleaved gate/up, transposed weights, biases, custom
+    gates (gpt-oss), ungated experts (Nemotron-H), shared experts, grouped routing."""
+    c = dict(_COMMON, hidden_size=32 * scale)
+    inter = 16 * scale
+    return {
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+            **c, num_key_value_heads=2, head_dim=8 * scale, moe_intermediate_size=inter,
+            intermediate_size=3 * inter, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+            **c, num_key_value_heads=2, moe_intermediate_size=inter,
+            shared_expert_intermediate_size=24, intermediate_size=3 * inter, num_experts=8,
+            num_experts_per_tok=2),
+        "mixtral": lambda: transformers.MixtralConfig(
+            **c, num_key_value_heads=2, head_dim=8 * scale, intermediate_size=24 * scale,
+            num_local_experts=4, num_experts_per_tok=2),
+        "olmoe": lambda: transformers.OlmoeConfig(
+            **c, num_key_value_heads=2, intermediate_size=inter, num_experts=8,
+            num_experts_per_tok=2),
+        "gpt_oss": lambda: transformers.GptOssConfig(
+            **c, num_key_value_heads=2, head_dim=8 * scale, intermediate_size=inter,
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"]),
+        "deepseek_v3": lambda: transformers.DeepseekV3Config(
+            **c, num_key_value_heads=4, intermediate_size=48 * scale,
+            moe_intermediate_size=inter, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+            topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+            qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_shared_experts=1),
+        "nemotron_h": lambda: transformers.NemotronHConfig(
+            **c, num_key_value_heads=2, head_dim=8 * scale, intermediate_size=48 * scale,
+            moe_intermediate_size=inter, n_routed_experts=8, num_experts_per_tok=2,
+            hybrid_override_pattern="*E", n_groups=1, mamba_num_heads=4, mamba_head_dim=8,
+            ssm_state_size=8),
+    }
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Registers triton_gg and counts its calls, so a test cannot pass on the eager path."""
+    name = triton_gg.register_hf_experts()
+    calls = []
+    original = hf.hf_experts_forward
+
+    def counted(module, *args):
+        calls.append(type(module).__name__)
+        return original(module, *args)
+    monkeypatch.setitem(ExpertsInterface._global_mapping, name, counted)
+    return name, calls
+
+
+def _logits_and_grads(model, ids, impl):
+    model.set_experts_implementation(impl)
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+             if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+def _moe_layers(model) -> int:
+    return sum(1 for m in model.modules() if hasattr(m, "has_gate"))
+
+
+def _compare(model, ids, name, calls, tol):
+    ref_logits, ref_grads = _logits_and_grads(model, ids, "eager")
+    assert not calls
+    logits, grads = _logits_and_grads(model, ids, name)
+    assert len(calls) == _moe_layers(model) > 0
+    assert gg_spec.rel_error(logits.double().cpu(), ref_logits.double().cpu()) < tol
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        err = gg_spec.rel_error(grads[n].double().cpu(), ref_grads[n].double().cpu())
+        assert err < tol, f"gradient of {n}: rel error {err:.2e}"
+
+
+@pytest.mark.parametrize("arch", sorted(_configs()))
+def test_tiny_model_matches_eager_fp32(arch, spy):
+    name, calls = spy
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()[arch](),
+                                             experts_implementation="eager").float()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    _compare(model, ids, name, calls, 1e-5)
+
+
+def test_from_pretrained_with_experts_implementation(tmp_path, spy):
+    """The issue's entry point: from_pretrained(..., experts_implementation="triton_gg")."""
+    name, calls = spy
+    torch.manual_seed(1)
+    eager = AutoModelForCausalLM.from_config(_configs()["qwen3_moe"](),
+                                             experts_implementation="eager").float()
+    eager.save_pretrained(tmp_path)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=name,
+                                                dtype=torch.float32)
+    assert ours.config._experts_implementation == name
+    ids = torch.randint(0, VOCAB, (3, 5))
+    with torch.no_grad():
+        ref, out = eager(ids).logits, ours(ids).logits
+    assert len(calls) == _moe_layers(ours)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_register_returns_name_and_is_idempotent():
+    assert triton_gg.register_hf_experts() == "triton_gg"
+    assert triton_gg.register_hf_experts() == "triton_gg"
+    assert ExpertsInterface._global_mapping["triton_gg"] is hf.hf_experts_forward
+    assert triton_gg.register_hf_experts("gg_alias") == "gg_alias"
+    del ExpertsInterface._global_mapping["gg_alias"]
+
+
+def _experts_module(arch="qwen3_moe"):
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(_configs()[arch](),
+                                             experts_implementation="eager").float()
+    return next(m for m in model.modules() if hasattr(m, "has_gate"))
+
+
+def test_expert_parallel_sentinels_contribute_nothing():
+    """Ids outside [0, E) (transformers' expert-parallel sentinels) are dropped, as in its
+    grouped_mm implementation; the other slots are untouched, gradients included."""
+    experts = _experts_module()
+    e = experts.num_experts
+    hidden = torch.randn(6, experts.hidden_dim, requires_grad=True)
+    idx = torch.tensor([[0, e], [1, 2], [e, e], [3, 0], [2, e + 5], [1, 3]])
+    weights = torch.rand(6, 2, requires_grad=True)
+    out = hf.hf_experts_forward(experts, hidden, idx, weights)
+    keep = idx < e
+    ref = hf.hf_experts_forward(experts, hidden, torch.where(keep, idx, 0),
+                                weights * keep)
+    torch.testing.assert_close(out, ref)
+    assert out[2].abs().max() == 0  # a token all of whose slots are foreign
+    (g_out,) = torch.autograd.grad(out.sum(), weights)
+    assert torch.all(g_out[~keep] == 0) and torch.all(g_out[keep] != 0)
+
+
+def test_unsupported_modules_raise_not_implemented():
+    experts = _experts_module()
+    hidden = torch.randn(3, experts.hidden_dim)
+    idx = torch.zeros(3, 2, dtype=torch.long)
+    weights = torch.ones(3, 2)
+    experts.gate_up_proj = torch.nn.Parameter(
+        experts.gate_up_proj.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(NotImplementedError, match="quantised.*gate_up_proj|gate_up_proj.*int8"):
+        hf.hf_experts_forward(experts, hidden, idx, weights)
+    del experts.gate_up_proj
+    with pytest.raises(NotImplementedError, match="no tensor 'gate_up_proj'"):
+        hf.hf_experts_forward(experts, hidden, idx, weights)
+    experts = _experts_module()
+    experts.has_bias = True  # flagged, but the module holds no bias tensors
+    with pytest.raises(NotImplementedError, match="gate_up_proj_bias"):
+        hf.hf_experts_forward(experts, hidden, idx, weights)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_tiny_model_matches_eager_bf16_gpu(arch, spy):
+    name, calls = spy
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs(scale=8)[arch](),
+                                             experts_implementation="eager")
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (4, 64), device="cuda")
+    _compare(model, ids, name, calls, gg_spec.tolerance("bfloat16"))

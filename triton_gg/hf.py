@@ -1,0 +1,93 @@
+"""triton_gg as an experts implementation of Hugging Face transformers (>= 5).
+
+    import triton_gg
+    name = triton_gg.register_hf_experts()              # "triton_gg"
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation=name)
+
+transformers' experts classes (``@use_experts_implementation``: Qwen2/3-MoE, Mixtral, OLMoE,
+DeepSeek-V3, gpt-oss and the others that share the layout) look their forward up by name in
+``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``; ``register_hf_experts`` adds
+``hf_experts_forward`` there. It reads the module's own layout flags and options, as the
+library's ``grouped_mm`` implementation does:
+
+* ``has_gate``: ``gate_up_proj`` [E, 2I, H] and the module's ``_apply_gate`` (its own
+  activation, clamps, interleaving) on the first GEMM's rows; else ``up_proj`` [E, I, H] and
+  ``act_fn``.
+* ``is_transposed``: weights stored [E, in, out]; passed to the kernels as transposed views
+  (no copy).
+* ``has_bias``: ``*_proj_bias`` [E, out] added per expert (the second one weighted by the
+  routing weight, as the eager loop does).
+* expert ids outside [0, E) (expert-parallel sentinels) contribute nothing.
+
+What the kernels cannot run raises ``NotImplementedError`` naming it (weights that are not
+bf16/fp16/fp32 tensors, e.g. quantised experts; a layout attribute this module does not know).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from triton_gg.moe import expert_block
+
+NAME = "triton_gg"
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _unsupported(module, what: str):
+    raise NotImplementedError(
+        f"experts_implementation='{NAME}' cannot run {type(module).__name__}: {what}")
+
+
+def _weight(module, name: str) -> torch.Tensor:
+    w = getattr(module, name, None)
+    if not isinstance(w, torch.Tensor):
+        _unsupported(module, f"it has no tensor '{name}' (expected the Hugging Face experts "
+                             f"layout)")
+    if w.dtype not in _FLOAT or w.ndim != 3:
+        _unsupported(module, f"'{name}' is {w.dtype} {tuple(w.shape)}; the kernels take 3-D "
+                             f"float32/float16/bfloat16 expert weights (quantised experts "
+                             f"are not supported)")
+    # the kernels take nn.Linear's [E, out, in]; a transposed store is read through a view
+    return w.transpose(1, 2) if getattr(module, "is_transposed", False) else w
+
+
+def _bias(module, name: str) -> torch.Tensor | None:
+    if not getattr(module, "has_bias", False):
+        return None
+    b = getattr(module, name, None)
+    if not isinstance(b, torch.Tensor):
+        _unsupported(module, f"has_bias is set but it has no tensor '{name}'")
+    return b
+
+
+def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The forward of a transformers experts module on triton_gg's kernels.
+
+    hidden_states [T, H]; top_k_index [T, k]; top_k_weights [T, k] -> [T, H] in
+    hidden_states' dtype. The GEMMs run in the weights' dtype (as transformers' grouped_mm
+    does) with fp32 accumulation.
+    """
+    has_gate = getattr(self, "has_gate", True)
+    if has_gate:
+        w1, b1 = _weight(self, "gate_up_proj"), _bias(self, "gate_up_proj_bias")
+        mid = self._apply_gate
+    else:
+        w1, b1 = _weight(self, "up_proj"), _bias(self, "up_proj_bias")
+        mid = self.act_fn
+    w2, b2 = _weight(self, "down_proj"), _bias(self, "down_proj_bias")
+    return expert_block(hidden_states, w1, w2, top_k_index, top_k_weights, mid, b1=b1, b2=b2,
+                        names=("gate_up_proj" if has_gate else "up_proj", "down_proj"))
+
+
+def register_hf_experts(name: str = NAME) -> str:
+    """Register ``hf_experts_forward`` in transformers' experts interface under ``name``
+    and return the name, for ``from_pretrained(..., experts_implementation=name)`` or
+    ``model.set_experts_implementation(name)``. Idempotent."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError as e:  # transformers < 5 has no experts interface
+        raise ImportError("register_hf_experts needs transformers >= 5 "
+                          "(transformers.integrations.moe.ExpertsInterface)") from e
+    ExpertsInterface.register(name, hf_experts_forward)
+    return name
