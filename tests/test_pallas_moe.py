@@ -121,3 +121,38 @@ def test_nnx_module():
         layer.params())
     for name, g in ref.items():
         np.testing.assert_allclose(grads[name][...], g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_jax_block_agrees_with_torch_block_bf16():
+    """Qwen3-30B-A3B expert shapes, T=256, bf16: pallas_gg.moe_experts and
+    triton_gg.moe_experts on the same device numbers (DLPack), output and gradients."""
+    torch = pytest.importorskip("torch")
+    triton_gg = pytest.importorskip("triton_gg")
+    import gg_spec
+    t, e, k, h, i = 256, 128, 8, 2048, 768
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    hidden = torch.randn(t, h, generator=gen, device="cuda").bfloat16()
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen, device="cuda") * h**-0.5).bfloat16()
+    down = (torch.randn(e, h, i, generator=gen, device="cuda") * i**-0.5).bfloat16()
+    top = torch.topk(torch.randn(t, e, generator=gen, device="cuda"), k, dim=-1)
+    idx, weights = top.indices.int(), torch.softmax(top.values, -1).bfloat16()
+    dout = torch.randn(t, h, generator=gen, device="cuda").bfloat16()
+    ins = [x.clone().requires_grad_(True) for x in (hidden, gate_up, down, weights)]
+    out_t = triton_gg.moe_experts(ins[0], ins[1], ins[2], idx, ins[3])
+    grads_t = torch.autograd.grad(out_t, ins, dout)
+
+    def j(x):
+        return jax.dlpack.from_dlpack(x.contiguous())
+
+    def block(p, hid, w):
+        return pallas_gg.moe_experts(p, hid, j(idx), w)
+    params = {"gate_up_proj": j(gate_up), "down_proj": j(down)}
+    out_j, vjp = jax.vjp(jax.jit(block), params, j(hidden), j(weights))
+    g_params, g_hidden, g_weights = vjp(j(dout))
+    pairs = [(out_t, out_j), (grads_t[0], g_hidden), (grads_t[1], g_params["gate_up_proj"]),
+             (grads_t[2], g_params["down_proj"]), (grads_t[3], g_weights)]
+    for a, b in pairs:
+        err = gg_spec.rel_error(np.asarray(jnp.asarray(b, jnp.float32)),
+                                a.detach().float().cpu().numpy())
+        assert err < gg_spec.tolerance("bfloat16"), err
