@@ -185,3 +185,20 @@ def test_tiny_model_matches_eager_bf16_gpu(arch, spy):
     model = model.to(device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, VOCAB, (4, 64), device="cuda")
     _compare(model, ids, name, calls, gg_spec.tolerance("bfloat16"))
+
+
+@pytest.mark.parametrize("arch,fused", [("qwen3_moe", True), ("mixtral", True),
+                                        ("gpt_oss", False), ("nemotron_h", False)])
+def test_default_silu_gate_takes_the_fused_path(arch, fused, spy, monkeypatch):
+    """Modules with transformers' default SiLU gate run the fused first GEMM; modules with
+    their own gate (gpt-oss) or no gate (Nemotron-H) run it as they define it."""
+    from triton_gg import _block_ops
+    name, _ = spy
+    calls = []
+    original = _block_ops.swiglu_gemm
+    monkeypatch.setattr(_block_ops, "swiglu_gemm", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()[arch](), experts_implementation=name)
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 5)))
+    assert bool(calls) == fused

@@ -60,6 +60,19 @@ def _bias(module, name: str) -> torch.Tensor | None:
     return b
 
 
+def _is_default_silu_gate(module) -> bool:
+    """act_fn(gate) * up on concatenated [gate | up] rows with act_fn SiLU: transformers'
+    default ``_apply_gate``, not overridden by the model."""
+    try:
+        from transformers.activations import SiLUActivation
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return False
+    gate = getattr(type(module), "_apply_gate", None)
+    return (gate is _default_apply_gate and getattr(module, "is_concatenated", True)
+            and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU)))
+
+
 def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> torch.Tensor:
     """The forward of a transformers experts module on triton_gg's kernels.
@@ -71,7 +84,9 @@ def hf_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     has_gate = getattr(self, "has_gate", True)
     if has_gate:
         w1, b1 = _weight(self, "gate_up_proj"), _bias(self, "gate_up_proj_bias")
-        mid = self._apply_gate
+        # None: the kernels' own SiLU-gate (fused into the first GEMM), exactly what the
+        # module's default gate computes; any other gate runs as the module defines it
+        mid = None if _is_default_silu_gate(self) else self._apply_gate
     else:
         w1, b1 = _weight(self, "up_proj"), _bias(self, "up_proj_bias")
         mid = self.act_fn

@@ -22,7 +22,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gg_spec import default_config
 from gg_spec.checks import routing_trusted
+from triton_gg import _block_ops, _ops, api
+from triton_gg import _validate as v
 from triton_gg.api import grouped_gemm
 from triton_gg.routing import route
 
@@ -67,45 +70,80 @@ def _mask_foreign_slots(top_k_index, top_k_weights, num_experts):
     return index, weights
 
 
+def _inverse(gather: torch.Tensor) -> torch.Tensor:
+    """pos[r]: the expert-order position of routed row r (gather is a permutation)."""
+    pos = torch.empty_like(gather)
+    pos[gather.long()] = torch.arange(gather.shape[0], dtype=gather.dtype,
+                                      device=gather.device)
+    return pos
+
+
+def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune):
+    """Forward / dX / dW configs of the fused SwiGLU GEMM (permute_x): the default forward
+    tile (its block_n spans both halves), tuned or default dX and dW."""
+    dims = v.check_forward(x, w1, m_sizes, gather, topk, permute_x=True, permute_y=False,
+                           topk_weights=None, fuse_mul_post=False, config=None)
+    dx_cfg = dw_cfg = None
+    if autotune:
+        dx_cfg, dw_cfg = api._backward_configs(None, None, dims, x, w1, m_sizes, gather, topk,
+                                               True, False)
+    return [_ops.encode(c) for c in (default_config("forward"),
+                                     dx_cfg or default_config("dX"),
+                                     dw_cfg or default_config("dW"))]
+
+
 def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 mid: Callable[[torch.Tensor], torch.Tensor], *,
+                 mid: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                  b1: torch.Tensor | None = None, b2: torch.Tensor | None = None,
                  autotune: bool = False, names=("w1", "w2")) -> torch.Tensor:
     """out [T, H] = sum_j top_k_weights[t, j] * (w2[e_j] mid(w1[e_j] x_t + b1[e_j]) + b2[e_j]).
 
     The general block behind ``moe_experts`` and the transformers integration: w1 [E, N1, H]
     and w2 [E, H, I] in ``nn.Linear`` layout (any strides: transposed views are not copied),
-    ``mid`` maps the first GEMM's rows [M, N1] to [M, I] (SiLU-gate, a model's own gate, or a
-    plain activation). The result has hidden's dtype; the GEMMs run in w1's dtype.
+    ``mid`` maps the first GEMM's rows [M, N1] to [M, I] (a model's own gate, or a plain
+    activation); None is SiLU-gating of concatenated [gate | up] rows, computed in the first
+    GEMM's epilogue. The second GEMM writes its rows once, in expert order; the routing
+    weights and the top-k sum are applied by one combine pass (whose backward forms dY and
+    the routing weights' gradient together). The result has hidden's dtype; the GEMMs run
+    in w1's dtype.
     """
     _check_block(hidden, w1, w2, top_k_index, top_k_weights, b1, b2, names)
     tokens, topk = top_k_index.shape
     num_experts = w1.shape[0]
     x = hidden.to(w1.dtype)
     index, weights = _mask_foreign_slots(top_k_index, top_k_weights.to(w1.dtype), num_experts)
+    fused_gate = mid is None and b1 is None
+    if mid is None and not fused_gate:
+        mid = silu_gate()
+    if fused_gate and w1.shape[1] != 2 * w2.shape[2]:
+        _fail(f"{names[0]} {tuple(w1.shape)} must hold [gate; up] rows, 2 x the "
+              f"I={w2.shape[2]} of {names[1]} {tuple(w2.shape)}")
     with routing_trusted():
         m_sizes, gather = route(index, num_experts)
-        h = grouped_gemm(x, w1, m_sizes, gather, topk, permute_x=True,
-                         autotune=autotune)                               # [M, N1]
-        if b1 is not None:  # expert of each expert-order position: the sorted ids
-            h = h + b1.to(h.dtype)[index.reshape(-1)[gather.long()]]
-        a = mid(h)                                                        # [M, I]
-        if a.ndim != 2 or a.shape[0] != h.shape[0] or a.shape[1] != w2.shape[2]:
-            _fail(f"the activation/gate maps the first GEMM's {tuple(h.shape)} to "
-                  f"{tuple(a.shape)}, but {names[1]} {tuple(w2.shape)} takes "
-                  f"[{h.shape[0]}, {w2.shape[2]}]")
-        y = grouped_gemm(a.to(w2.dtype), w2, m_sizes, gather, topk, permute_y=True,
-                         topk_weights=weights.reshape(-1), fuse_mul_post=True,
-                         autotune=autotune)                               # [T*k, H]
-    out = y.view(tokens, topk, w2.shape[1]).sum(dim=1)
+        if fused_gate:
+            _, a = _block_ops.swiglu_gemm(
+                x, w1, m_sizes, gather, topk, True,
+                *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune))   # [M, I]
+        else:
+            h = grouped_gemm(x, w1, m_sizes, gather, topk, permute_x=True,
+                             autotune=autotune)                               # [M, N1]
+            if b1 is not None:  # expert of each expert-order position: the sorted ids
+                h = h + b1.to(h.dtype)[index.reshape(-1)[gather.long()]]
+            a = mid(h)                                                        # [M, I]
+        if a.ndim != 2 or a.shape[0] != gather.shape[0] or a.shape[1] != w2.shape[2]:
+            _fail(f"the activation/gate gives {tuple(a.shape)} rows, but {names[1]} "
+                  f"{tuple(w2.shape)} takes [{gather.shape[0]}, {w2.shape[2]}]")
+        y = grouped_gemm(a.to(w2.dtype), w2, m_sizes, gather, topk,
+                         autotune=autotune)                   # [M, H], expert order
+    out = _block_ops.combine(y, weights.reshape(-1), _inverse(gather), topk)
     if b2 is not None:  # sum_j w_j * b2[e_j]: the bias rides the routing weight too
         out = out + torch.einsum("tk,tkh->th", weights, b2.to(weights.dtype)[index])
     return out.to(hidden.dtype)
 
 
 def silu_gate(act: Callable[[torch.Tensor], torch.Tensor] = nn.functional.silu):
-    """The usual gated MLP middle on concatenated [gate | up] rows: act(gate) * up."""
+    """The gated MLP middle on concatenated [gate | up] rows, unfused: act(gate) * up."""
     def mid(h):
         gate, up = h.chunk(2, dim=-1)
         return act(gate) * up
@@ -131,8 +169,9 @@ def moe_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
             and down_proj.shape[2] * 2 != gate_up_proj.shape[1]):
         _fail(f"down_proj {tuple(down_proj.shape)} takes I={down_proj.shape[2]} but "
               f"gate_up_proj {tuple(gate_up_proj.shape)} makes I={gate_up_proj.shape[1] // 2}")
-    return expert_block(hidden, gate_up_proj, down_proj, top_k_index, top_k_weights,
-                        silu_gate(act), b1=gate_up_bias, b2=down_bias, autotune=autotune,
+    mid = None if act is nn.functional.silu else silu_gate(act)  # None: fused SiLU-gate
+    return expert_block(hidden, gate_up_proj, down_proj, top_k_index, top_k_weights, mid,
+                        b1=gate_up_bias, b2=down_bias, autotune=autotune,
                         names=("gate_up_proj", "down_proj"))
 
 

@@ -1,0 +1,169 @@
+"""The MoE block's own kernels against torch references: the SiLU-gated first GEMM
+(forward and backward) and the top-k combine (forward and backward), with poisoned outputs,
+odd sizes (tails in every dimension), empty experts and no tokens; and the block under
+torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+
+triton_gg = pytest.importorskip("triton_gg")
+
+from gg_spec import ForwardConfig, default_config  # noqa: E402
+from triton_gg import _block_ops, _ops  # noqa: E402
+from triton_gg.moe import _inverse  # noqa: E402
+
+
+def _routing(tokens, experts, topk, gen, empty=()):
+    scores = torch.randn(tokens, experts, generator=gen)
+    for e in empty:
+        scores[:, e] = -1e9
+    idx = torch.topk(scores, topk, dim=-1).indices
+    return idx, *triton_gg.route(idx, experts)
+
+
+def _swiglu_reference(x, w, m_sizes, gather, topk):
+    """Float64: H = X[gather // k] @ W[e].T row by row, A = silu(gate) * up."""
+    rows = x.double()[gather.long() // topk]
+    experts = torch.repeat_interleave(torch.arange(w.shape[0]), m_sizes.long())
+    h = torch.einsum("mk,mnk->mn", rows, w.double()[experts])
+    gate, up = h.chunk(2, dim=-1)
+    return h, torch.nn.functional.silu(gate) * up
+
+
+# small tiles so that the odd sizes leave tails in M, the gate/up halves and K
+SMALL = ForwardConfig(block_m=16, block_n=32, block_k=16, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("tokens,experts,topk,hidden,inter,empty", [
+    (13, 4, 2, 24, 24, ()), (9, 6, 3, 40, 19, (1, 4)), (5, 3, 1, 17, 8, ()),
+    (0, 4, 2, 16, 8, ())])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gemm_forward_and_backward(tokens, experts, topk, hidden, inter, empty, dtype):
+    gen = torch.Generator().manual_seed(tokens + 7 * experts)
+    idx, m_sizes, gather = _routing(tokens, experts, topk, gen, empty)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype).requires_grad_(True)
+    w = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w.requires_grad_(True)
+    cfgs = [_ops.encode(c) for c in (SMALL, default_config("dX"), default_config("dW"))]
+    h, a = _block_ops.swiglu_gemm(x, w, m_sizes, gather, topk, True, *cfgs)
+    ref_h, ref_a = _swiglu_reference(x.detach(), w.detach(), m_sizes, gather, topk)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4,
+                                                                        atol=1e-5)
+    torch.testing.assert_close(h.double(), ref_h, **tol)
+    torch.testing.assert_close(a.double(), ref_a, **tol)
+
+    da = torch.randn(a.shape, generator=gen).to(dtype)
+    gx, gw = torch.autograd.grad(a, (x, w), da)
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    _, ref_a64 = _swiglu_reference(x64, w64, m_sizes, gather, topk)
+    rx, rw = torch.autograd.grad(ref_a64, (x64, w64), da.double())
+    torch.testing.assert_close(gx.double(), rx, **tol)
+    torch.testing.assert_close(gw.double(), rw, **tol)
+    for e in empty:
+        assert torch.all(gw[e] == 0)
+
+
+def test_swiglu_gemm_outputs_every_row():
+    """Poisoned outputs: every row of H and A is written (the launcher allocates with
+    torch.empty; fill it with NaN first and run the kernel into it)."""
+    from triton_gg.kernels.swiglu_forward import launch_swiglu_forward
+    gen = torch.Generator().manual_seed(3)
+    idx, m_sizes, gather = _routing(11, 5, 2, gen)
+    x = torch.randn(11, 20, generator=gen)
+    w = torch.randn(5, 2 * 9, 20, generator=gen)
+    h = torch.full((22, 18), float("nan"))
+    a = torch.full((22, 9), float("nan"))
+    launch_swiglu_forward(x, w, m_sizes, gather, h, a, topk=2, permute_x=True, config=SMALL)
+    assert torch.isfinite(h).all() and torch.isfinite(a).all()
+
+
+def _combine_reference(y, weights, pos, topk):
+    tokens = pos.shape[0] // topk
+    rows = y.double()[pos.long()].view(tokens, topk, y.shape[1])
+    return (rows * weights.double().view(tokens, topk, 1)).sum(1)
+
+
+@pytest.mark.parametrize("tokens,topk,hidden", [(7, 2, 24), (5, 3, 700), (1, 1, 8),
+                                                 (0, 2, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_forward_and_backward(tokens, topk, hidden, dtype):
+    gen = torch.Generator().manual_seed(tokens * 10 + topk)
+    m = tokens * topk
+    gather = torch.randperm(m, generator=gen).to(torch.int32)
+    pos = _inverse(gather)
+    assert torch.equal(pos[gather.long()], torch.arange(m, dtype=torch.int32))
+    y = torch.randn(m, hidden, generator=gen).to(dtype).requires_grad_(True)
+    weights = torch.rand(m, generator=gen).to(dtype).requires_grad_(True)
+    out = _block_ops.combine(y, weights, pos, topk)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5,
+                                                                        atol=1e-6)
+    torch.testing.assert_close(out.double(), _combine_reference(y.detach(), weights.detach(),
+                                                                pos, topk), **tol)
+    d_out = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    gy, gwt = torch.autograd.grad(out, (y, weights), d_out)
+    y64 = y.detach().double().requires_grad_(True)
+    w64 = weights.detach().double().requires_grad_(True)
+    ry, rw = torch.autograd.grad(_combine_reference(y64, w64, pos, topk), (y64, w64),
+                                 d_out.double())
+    torch.testing.assert_close(gy.double(), ry, **tol)
+    torch.testing.assert_close(gwt.double(), rw, **tol)
+
+
+def test_combine_backward_without_weight_gradient_writes_every_row():
+    gen = torch.Generator().manual_seed(1)
+    gather = torch.randperm(12, generator=gen).to(torch.int32)
+    y = torch.randn(12, 33, generator=gen, requires_grad=True)
+    weights = torch.rand(12, generator=gen)  # no gradient wanted
+    out = _block_ops.combine(y, weights, _inverse(gather), 3)
+    (gy,) = torch.autograd.grad(out, (y,), torch.randn(4, 33, generator=gen))
+    assert torch.isfinite(gy).all()
+
+
+def test_block_fused_and_unfused_paths_agree():
+    """SiLU passed as the module's act takes the fused gate; any other callable the unfused
+    chunk/act/mul; for SiLU both must give the same block (values and gradients)."""
+    gen = torch.Generator().manual_seed(4)
+    t, e, k, h, i = 10, 4, 2, 24, 12
+    hidden = torch.randn(t, h, generator=gen, requires_grad=True)
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).requires_grad_(True)
+    down = (torch.randn(e, h, i, generator=gen) / i**0.5).requires_grad_(True)
+    idx = torch.topk(torch.randn(t, e, generator=gen), k, dim=-1).indices
+    weights = torch.rand(t, k, generator=gen, requires_grad=True)
+    inputs = (hidden, gate_up, down, weights)
+    calls = []
+    original = _block_ops.swiglu_gemm
+
+    def spy(*a):
+        calls.append(1)
+        return original(*a)
+    _block_ops.swiglu_gemm = spy
+    try:
+        fused = triton_gg.moe_experts(hidden, gate_up, down, idx, weights)
+        assert calls, "the SiLU block did not take the fused path"
+        unfused = triton_gg.moe_experts(hidden, gate_up, down, idx, weights,
+                                        act=lambda g: torch.nn.functional.silu(g))
+        assert len(calls) == 1
+    finally:
+        _block_ops.swiglu_gemm = original
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+    d = torch.randn(t, h, generator=gen)
+    for a, b in zip(torch.autograd.grad(fused, inputs, d), torch.autograd.grad(unfused, inputs,
+                                                                               d)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_block_compiles_fullgraph():
+    torch._dynamo.reset()
+    layer = triton_gg.MoEExperts(4, 16, 8)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(6, 16, generator=gen, requires_grad=True)
+    idx = torch.randint(0, 4, (6, 2), generator=gen)
+    weights = torch.rand(6, 2, generator=gen, requires_grad=True)
+    eager = layer(hidden, idx, weights)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(hidden, idx, weights)
+    torch.testing.assert_close(compiled, eager)
+    g1 = torch.autograd.grad(eager.sum(), (hidden, weights, layer.gate_up_proj))
+    g2 = torch.autograd.grad(compiled.sum(), (hidden, weights, layer.gate_up_proj))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,190 @@
+"""The MoE block's own differentiable pieces, as registered custom ops (torch.compile traces
+them) with an eager autograd.Function path that skips the dispatcher, like ``_ops``:
+
+* ``swiglu_gemm``: the first GEMM with SiLU-gating in its epilogue -> (H [M, 2I], A [M, I]);
+  backward: one fused pass dA -> dH, then the dX and dW kernels on dH.
+* ``combine``: out [T, H] = sum_j w[t, j] * Y[pos[t*k + j]] over the second GEMM's
+  expert-order output; backward: dY (expert order) and d w in one pass.
+
+Arguments are validated by ``triton_gg.moe`` before they get here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from triton_gg import _ops
+from triton_gg.kernels.combine import launch_combine, launch_combine_backward
+from triton_gg.kernels.swiglu_backward import launch_swiglu_backward
+from triton_gg.kernels.swiglu_forward import launch_swiglu_forward
+
+
+# ---------------------------------------------------------------------------- swiglu_gemm
+
+def swiglu_gemm_impl(x, w, m_sizes, gather, topk, permute_x, forward_config):
+    m = gather.shape[0] if permute_x else x.shape[0]
+    two_i = w.shape[1]
+    h = torch.empty((m, two_i), dtype=x.dtype, device=x.device)
+    a = torch.empty((m, two_i // 2), dtype=x.dtype, device=x.device)
+    launch_swiglu_forward(x.contiguous(), w, m_sizes.contiguous(),
+                          None if gather is None else gather.contiguous(), h, a, topk=topk,
+                          permute_x=permute_x, config=_ops.decode_forward(forward_config))
+    return h, a
+
+
+@torch.library.custom_op("triton_gg::swiglu_gemm", mutates_args=())
+def swiglu_gemm_op(x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
+                   gather: torch.Tensor | None, topk: int, permute_x: bool,
+                   forward_config: list[int], dx_config: list[int],
+                   dw_config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H [M, 2I], A = silu(H[:, :I]) * H[:, I:] [M, I]); dx/dw configs ride along."""
+    return swiglu_gemm_impl(x, w, m_sizes, gather, topk, permute_x, forward_config)
+
+
+@swiglu_gemm_op.register_fake
+def _(x, w, m_sizes, gather, topk, permute_x, forward_config, dx_config, dw_config):
+    m = gather.shape[0] if permute_x else x.shape[0]
+    return x.new_empty((m, w.shape[1])), x.new_empty((m, w.shape[1] // 2))
+
+
+def _swiglu_setup(ctx, inputs, output):
+    x, w, m_sizes, gather, topk, permute_x, _, dx_config, dw_config = inputs
+    ctx.topk, ctx.permute_x, ctx.tokens = topk, permute_x, x.shape[0]
+    ctx.dx_config, ctx.dw_config = dx_config, dw_config
+    ctx.save_for_backward(x, w, m_sizes, gather, output[0])
+
+
+def swiglu_backward_impl(h, da):
+    """dH [M, 2I] of A = silu(gate) * up, from dA [M, I] (one fused pass)."""
+    return launch_swiglu_backward(h.contiguous(), da.contiguous(), torch.empty_like(h))
+
+
+@torch.library.custom_op("triton_gg::swiglu_backward", mutates_args=())
+def swiglu_backward_op(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    return swiglu_backward_impl(h, da)
+
+
+@swiglu_backward_op.register_fake
+def _(h, da):
+    return torch.empty_like(h)
+
+
+def _swiglu_backward(ctx, grad_h, grad_a, *, run_dx=_ops.dx_op, run_dw=_ops.dw_op,
+                     run_act=swiglu_backward_op):
+    """The registered (traceable) backward runs custom ops; the eager Function passes the
+    plain implementations."""
+    x, w, m_sizes, gather, h = ctx.saved_tensors
+    dh = run_act(h, grad_a) if grad_a is not None else torch.zeros_like(h)
+    if grad_h is not None:
+        dh = dh + grad_h
+    d_x = d_w = None
+    if ctx.needs_input_grad[0]:
+        d_x = run_dx(dh, w, m_sizes, gather, ctx.topk, ctx.permute_x, False, ctx.dx_config)
+        if ctx.permute_x:  # sum the k routed copies of each token
+            d_x = d_x.view(ctx.tokens, ctx.topk, d_x.shape[1]).sum(dim=1)
+    if ctx.needs_input_grad[1]:
+        d_w = run_dw(x, dh, m_sizes, gather, ctx.topk, ctx.permute_x, False, ctx.dw_config,
+                     False)
+    return (d_x, d_w) + (None,) * 7
+
+
+swiglu_gemm_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+class _EagerSwigluGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        h, a = swiglu_gemm_impl(*inputs[:6], inputs[6])
+        _swiglu_setup(ctx, inputs, (h, a))
+        ctx.set_materialize_grads(False)  # H is rarely used: no zero gradient for it
+        return h, a
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_a):
+        return _swiglu_backward(ctx, grad_h, grad_a, run_dx=_ops.dx_impl, run_dw=_ops.dw_impl,
+                                run_act=swiglu_backward_impl)
+
+
+def swiglu_gemm(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable (H, A); inputs as swiglu_gemm_op's."""
+    if torch.compiler.is_compiling():
+        return swiglu_gemm_op(*inputs)
+    return _EagerSwigluGemm.apply(*inputs)
+
+
+# ---------------------------------------------------------------------------- combine
+
+def combine_impl(y, weights, pos, topk):
+    tokens = pos.shape[0] // topk if topk else 0
+    out = torch.empty((tokens, y.shape[1]), dtype=y.dtype, device=y.device)
+    return launch_combine(y.contiguous(), weights.contiguous(), pos.contiguous(), out,
+                          topk=topk)
+
+
+@torch.library.custom_op("triton_gg::combine", mutates_args=())
+def combine_op(y: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor,
+               topk: int) -> torch.Tensor:
+    """out [T, H] = sum_j weights[t*k + j] * y[pos[t*k + j]]."""
+    return combine_impl(y, weights, pos, topk)
+
+
+@combine_op.register_fake
+def _(y, weights, pos, topk):
+    return y.new_empty((pos.shape[0] // topk if topk else 0, y.shape[1]))
+
+
+def _combine_setup(ctx, inputs, output):
+    y, weights, pos, topk = inputs
+    ctx.topk = topk
+    ctx.save_for_backward(y, weights, pos)
+
+
+def combine_backward_impl(y, weights, pos, d_out, topk, need_weights):
+    dy = torch.empty_like(y)
+    d_weights = torch.empty_like(weights) if need_weights else None
+    launch_combine_backward(y, weights, pos, d_out.contiguous(), dy, d_weights, topk=topk)
+    return dy, d_weights
+
+
+@torch.library.custom_op("triton_gg::combine_backward", mutates_args=())
+def combine_backward_op(y: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor,
+                        d_out: torch.Tensor, topk: int,
+                        need_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dy, d_weights = combine_backward_impl(y, weights, pos, d_out, topk, need_weights)
+    return dy, d_weights if d_weights is not None else weights.new_empty((0,))
+
+
+@combine_backward_op.register_fake
+def _(y, weights, pos, d_out, topk, need_weights):
+    return torch.empty_like(y), weights.new_empty(weights.shape if need_weights else (0,))
+
+
+def _combine_backward(ctx, d_out, *, run=combine_backward_op):
+    """The registered (traceable) backward runs the custom op; the eager Function passes
+    the plain implementation."""
+    y, weights, pos = ctx.saved_tensors
+    need_weights = ctx.needs_input_grad[1]
+    dy, d_weights = run(y, weights, pos, d_out, ctx.topk, need_weights)
+    return dy, (d_weights if need_weights else None), None, None
+
+
+combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+class _EagerCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = combine_impl(*inputs)
+        _combine_setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        return _combine_backward(ctx, d_out, run=combine_backward_impl)
+
+
+def combine(y, weights, pos, topk) -> torch.Tensor:
+    """Differentiable top-k combine; see combine_op."""
+    if torch.compiler.is_compiling():
+        return combine_op(y, weights, pos, topk)
+    return _EagerCombine.apply(y, weights, pos, topk)
