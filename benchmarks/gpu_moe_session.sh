@@ -19,8 +19,10 @@ LOG="$OUT/run.log"
 {
   date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton, jax, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, 'transformers', transformers.__version__)"
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider ${GG_TESTS:-tests/test_hf_experts.py tests/test_triton_moe.py tests/test_pallas_moe.py} 2>&1 | tail -15
-  timeout 240 python3 -m benchmarks.moe_block --jax --profile --json "$OUT/moe_block.json"
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:warnings \
+    ${GG_TESTS:-tests/test_hf_experts.py tests/test_triton_moe.py tests/test_pallas_moe.py} \
+    ${GG_K:+-k "$GG_K"} 2>&1 | grep -v "^  " | tail -25
+  timeout 330 python3 -m benchmarks.moe_block --jax --profile --json "$OUT/moe_block.json"
   if [ -n "${1:-}" ]; then
     timeout 300 python3 -m benchmarks --out "$OUT/bench" --impls "$1" --tag "${GG_TAG:-tokamax}" 2>&1 | tail -40
   fi

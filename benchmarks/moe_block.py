@@ -137,7 +137,8 @@ def _profile(step, name, top=12):
 
 
 def _jax_rows(hidden, gate_up, down, idx, weights, dout, ref):
-    """pallas_gg.moe_experts on the same numbers (DLPack), kernel-duration timing."""
+    """pallas_gg.moe_experts on the same numbers (DLPack), kernel-duration timing, with the
+    default (H200-tuned) configs: pallas_gg's autotune would time whole search spaces here."""
     import jax
     import jax.numpy as jnp
 
@@ -148,11 +149,11 @@ def _jax_rows(hidden, gate_up, down, idx, weights, dout, ref):
         return jax.dlpack.from_dlpack(t.detach().contiguous())
     params = {"gate_up_proj": j(gate_up), "down_proj": j(down)}
     h, i, w, d = j(hidden), j(idx.to(torch.int32)), j(weights), j(dout)
-    fwd = jax.jit(lambda p, h, w: pallas_gg.moe_experts(p, h, i, w, autotune=True))
+    fwd = jax.jit(lambda p, h, w: pallas_gg.moe_experts(p, h, i, w))
 
     @jax.jit
     def fwd_bwd(p, h, w):
-        out, vjp = jax.vjp(lambda p, h, w: pallas_gg.moe_experts(p, h, i, w, autotune=True),
+        out, vjp = jax.vjp(lambda p, h, w: pallas_gg.moe_experts(p, h, i, w),
                            p, h, w)
         return vjp(d)
     out = torch.from_dlpack(fwd(params, h, w)).double()

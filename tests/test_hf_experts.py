@@ -177,14 +177,34 @@ def test_unsupported_modules_raise_not_implemented():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
-def test_tiny_model_matches_eager_bf16_gpu(arch, spy):
+def test_tiny_model_bf16_gpu(arch, spy):
+    """bf16 on the GPU. Logits agree with eager bf16 within gg_spec's bf16 tolerance. For
+    the gradients, bf16 eager is itself up to ~10% (relative) away from fp32 on these random
+    models (measured on CPU: the loss gradient cancels heavily), so bf16 against bf16 says
+    little; each gradient is held to fp32 eager on the same weights instead, and must be
+    within the bf16 tolerance or within 1.5x of eager bf16's own error."""
+    import copy
     name, calls = spy
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_configs(scale=8)[arch](),
                                              experts_implementation="eager")
     model = model.to(device="cuda", dtype=torch.bfloat16)
+    model_fp32 = copy.deepcopy(model).float()
     ids = torch.randint(0, VOCAB, (4, 64), device="cuda")
-    _compare(model, ids, name, calls, gg_spec.tolerance("bfloat16"))
+    _, truth = _logits_and_grads(model_fp32, ids, "eager")
+    eager_logits, eager = _logits_and_grads(model, ids, "eager")
+    assert not calls
+    logits, ours = _logits_and_grads(model, ids, name)
+    assert len(calls) == _moe_layers(model) > 0
+    tol = gg_spec.tolerance("bfloat16")
+    assert gg_spec.rel_error(logits.double().cpu(), eager_logits.double().cpu()) < tol
+    for n, g in truth.items():
+        g = g.double().cpu()
+        err_ours = gg_spec.rel_error(ours[n].double().cpu(), g)
+        err_eager = gg_spec.rel_error(eager[n].double().cpu(), g)
+        assert err_ours < max(tol, 1.5 * err_eager), (
+            f"gradient of {n}: triton_gg bf16 {err_ours:.2e}, eager bf16 {err_eager:.2e} "
+            f"(both against fp32 eager)")
 
 
 @pytest.mark.parametrize("arch,fused", [("qwen3_moe", True), ("mixtral", True),

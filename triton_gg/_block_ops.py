@@ -78,13 +78,13 @@ def _swiglu_backward(ctx, grad_h, grad_a, *, run_dx=_ops.dx_op, run_dw=_ops.dw_o
     if grad_h is not None:
         dh = dh + grad_h
     d_x = d_w = None
+    if ctx.needs_input_grad[1]:  # first: its gathered copy of X is freed before dX allocates
+        d_w = _ops.dw_with_gather(run_dw, x, dh, m_sizes, gather, ctx.topk, ctx.permute_x,
+                                  False, ctx.dw_config)
     if ctx.needs_input_grad[0]:
         d_x = run_dx(dh, w, m_sizes, gather, ctx.topk, ctx.permute_x, False, ctx.dx_config)
         if ctx.permute_x:  # sum the k routed copies of each token
             d_x = d_x.view(ctx.tokens, ctx.topk, d_x.shape[1]).sum(dim=1)
-    if ctx.needs_input_grad[1]:
-        d_w = run_dw(x, dh, m_sizes, gather, ctx.topk, ctx.permute_x, False, ctx.dw_config,
-                     False)
     return (d_x, d_w) + (None,) * 7
 
 

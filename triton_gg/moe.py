@@ -25,6 +25,7 @@ from torch import nn
 from gg_spec import default_config
 from gg_spec.checks import routing_trusted
 from triton_gg import _block_ops, _ops, api
+from triton_gg import autotune as autotune_cache
 from triton_gg import _validate as v
 from triton_gg.api import grouped_gemm
 from triton_gg.routing import route
@@ -87,6 +88,9 @@ def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune):
     if autotune:
         dx_cfg, dw_cfg = api._backward_configs(None, None, dims, x, w1, m_sizes, gather, topk,
                                                True, False)
+        if x.is_cuda:  # dW runs on a gathered copy of X there (_ops.dw_with_gather)
+            dw_cfg = autotune_cache.cached(autotune_cache.key_for(
+                "dW", dims, x.dtype, x.device, permute_x=False, permute_y=False)) or dw_cfg
     return [_ops.encode(c) for c in (default_config("forward"),
                                      dx_cfg or default_config("dX"),
                                      dw_cfg or default_config("dW"))]
