@@ -77,6 +77,10 @@ def _swiglu_backward(ctx, grad_h, grad_a, *, run_dx=_ops.dx_op, run_dw=_ops.dw_o
     dh = run_act(h, grad_a) if grad_a is not None else torch.zeros_like(h)
     if grad_h is not None:
         dh = dh + grad_h
+    return _dx_dw(ctx, dh, x, w, m_sizes, gather, run_dx=run_dx, run_dw=run_dw)
+
+
+def _dx_dw(ctx, dh, x, w, m_sizes, gather, *, run_dx, run_dw):
     d_x = d_w = None
     if ctx.needs_input_grad[1]:  # first: its gathered copy of X is freed before dX allocates
         d_w = _ops.dw_with_gather(run_dw, x, dh, m_sizes, gather, ctx.topk, ctx.permute_x,
@@ -92,23 +96,33 @@ swiglu_gemm_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 
 class _EagerSwigluGemm(torch.autograd.Function):
+    """Eager path, returning A only: H is an intermediate here, held on ctx (not an output,
+    so no reference cycle) and dropped as soon as dH is formed, before the dW copy of X and
+    the dX output are allocated. That keeps the block's backward peak under the
+    torch._grouped_mm block's (H is 2 bytes x M x 2I: 0.2 GB at Qwen3-30B-A3B, T=8192)."""
+
     @staticmethod
     def forward(ctx, *inputs):
+        x, w, m_sizes, gather, topk, permute_x, _, dx_config, dw_config = inputs
         h, a = swiglu_gemm_impl(*inputs[:6], inputs[6])
-        _swiglu_setup(ctx, inputs, (h, a))
-        ctx.set_materialize_grads(False)  # H is rarely used: no zero gradient for it
-        return h, a
+        ctx.topk, ctx.permute_x, ctx.tokens = topk, permute_x, x.shape[0]
+        ctx.dx_config, ctx.dw_config = dx_config, dw_config
+        ctx.save_for_backward(x, w, m_sizes, gather)
+        ctx.h = h
+        return a
 
     @staticmethod
-    def backward(ctx, grad_h, grad_a):
-        return _swiglu_backward(ctx, grad_h, grad_a, run_dx=_ops.dx_impl, run_dw=_ops.dw_impl,
-                                run_act=swiglu_backward_impl)
+    def backward(ctx, grad_a):
+        h, ctx.h = ctx.h, None
+        dh = swiglu_backward_impl(h, grad_a)
+        del h
+        return _dx_dw(ctx, dh, *ctx.saved_tensors, run_dx=_ops.dx_impl, run_dw=_ops.dw_impl)
 
 
-def swiglu_gemm(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable (H, A); inputs as swiglu_gemm_op's."""
+def swiglu_gemm(*inputs) -> torch.Tensor:
+    """Differentiable A = silu(gate) * up of the first GEMM; inputs as swiglu_gemm_op's."""
     if torch.compiler.is_compiling():
-        return swiglu_gemm_op(*inputs)
+        return swiglu_gemm_op(*inputs)[1]
     return _EagerSwigluGemm.apply(*inputs)
 
 

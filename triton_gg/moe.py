@@ -126,7 +126,7 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     with routing_trusted():
         m_sizes, gather = route(index, num_experts)
         if fused_gate:
-            _, a = _block_ops.swiglu_gemm(
+            a = _block_ops.swiglu_gemm(
                 x, w1, m_sizes, gather, topk, True,
                 *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune))   # [M, I]
         else:
