@@ -7,6 +7,7 @@
     python -m parity --sweep                          # every preset x fusion x op, one line each
     python -m parity --sweep --presets tiny_odd,qwen3_30b_a3b --tokens 8
     python -m parity --plugin my_backends.py --backends numpy,my_backend
+    python -m parity --moe-block                      # the expert block, torch vs JAX
 
 Exit status: 0 when every case passed, 1 when any output is out of tolerance, a backend
 raised, triton_gg and pallas_gg disagree, or a backend named in ``--backends`` is unavailable
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--seed", type=int, default=0)
     what.add_argument("--sweep", action="store_true",
                       help="every preset x GEMM x fusion x op, one summary line each")
+    what.add_argument("--moe-block", action="store_true",
+                      help="the whole expert block (triton_gg.moe_experts and "
+                           "pallas_gg.moe_experts, outputs and gradients) on the presets, "
+                           "plain and with biases and foreign expert ids (parity.block)")
     what.add_argument("--max-weight-elems", type=float, default=MAX_WEIGHT_ELEMS,
                       help="skip shapes whose W has more elements (host reference memory)")
     how = p.add_argument_group("how")
@@ -200,6 +205,8 @@ def main(argv=None) -> int:
                 get_backend(b)     # unknown names are usage errors, before any work
         pairs = _pairs(args.pairs)
         device = resolve_device(args.device)
+        if args.moe_block:
+            return _run_blocks(args, device)
         reference = reference_mode(args.reference, device, backends)
         cases, notes = _cases(args, device)
     except ValueError as e:
@@ -253,6 +260,29 @@ def _run_cases(args, cases, notes, backends, pairs, device, reference="numpy") -
         for line in r.failures():
             print(f"  {r.case.id}: {line}")
     return 1 if failed or not reports else 0
+
+
+def _run_blocks(args, device: str) -> int:
+    """--moe-block: each preset's expert block, plain and with biases + foreign ids."""
+    from parity.block import BlockCase, run_block
+    t0 = time.perf_counter()
+    presets = args.presets or ["tiny"]
+    tokens = 16 if args.tokens is None else args.tokens
+    reports = []
+    for name in presets:
+        for extras in (dict(), dict(biases=True, foreign_ids=True)):
+            case = BlockCase(name, tokens, args.dtype, args.seed, device=device, **extras)
+            report = run_block(case)
+            reports.append(report)
+            print(report.table(), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"argv": sys.argv[1:], "device": device,
+                       "reports": [r.to_json() for r in reports]}, f, indent=1)
+    failed = [r for r in reports if not r.passed]
+    print(f"\n{'FAIL' if failed else 'PASS'}: {len(reports) - len(failed)}/{len(reports)} "
+          f"expert-block cases passed in {time.perf_counter() - t0:.1f} s")
+    return 1 if failed else 0
 
 
 def _time_line(reports, device: str) -> str:

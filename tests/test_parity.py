@@ -654,3 +654,42 @@ def test_both_backends_use_one_tuning_key():
     theirs = tuning._key("dX", num_experts=8, n=96, k=64, rows=300, dtype="bfloat16",
                          permute_x=False, permute_y=True, fuse_mul_post=False)
     assert ours == theirs
+
+
+# ---------------------------------------------------------------- the whole expert block
+
+@pytest.mark.parametrize("preset,dtype,extras", [
+    ("tiny", "float32", {}), ("tiny_odd", "float32", {"biases": True, "foreign_ids": True}),
+    ("tiny", "bfloat16", {"foreign_ids": True})])
+def test_moe_block_torch_and_jax_agree(preset, dtype, extras):
+    from parity.block import BlockCase, run_block
+    report = run_block(BlockCase(preset, tokens=12, dtype=dtype, **extras))
+    assert report.passed, report.table()
+    compared = {who for who, *_ in report.rows}
+    assert compared == {"triton_gg vs float64", "pallas_gg vs float64",
+                        "triton_gg vs pallas_gg"}
+    outputs = {name for _, name, *_ in report.rows}
+    assert {"out", "d_hidden", "d_gate_up_proj", "d_down_proj", "d_top_k_weights"} <= outputs
+
+
+def test_moe_block_report_fails_on_a_wrong_backend(monkeypatch):
+    """The block comparison can fail: a backend whose routing-weight gradient is off by 1%."""
+    from parity import block
+    real = block.RUNNERS["pallas_gg"]
+
+    def off(inputs, case):
+        out = real(inputs, case)
+        out["d_top_k_weights"] = out["d_top_k_weights"] * 1.01
+        return out
+    monkeypatch.setitem(block.RUNNERS, "pallas_gg", off)
+    report = block.run_block(block.BlockCase("tiny", tokens=8))
+    assert not report.passed
+    failing = {(who, name) for who, name, _, ok in report.rows if not ok}
+    assert failing == {("pallas_gg vs float64", "d_top_k_weights"),
+                       ("triton_gg vs pallas_gg", "d_top_k_weights")}
+
+
+def test_cli_moe_block(capsys):
+    from parity.cli import main
+    assert main(["--moe-block", "--tokens", "6"]) == 0
+    assert "PASS: 2/2 expert-block cases" in capsys.readouterr().out
