@@ -11,9 +11,11 @@ Public API:
 * ``tune``: autotune and cache the configs of one problem;
 * ``ForwardConfig``, ``DXConfig``, ``DWConfig``: the kernel configs (from ``gg_spec``).
 
-Every function takes ``backend="auto" | "mosaic" | "triton"``; only Pallas' Triton lowering
-exists today (``"auto"`` picks it, ``"mosaic"`` is planned). Without a GPU the kernels run in
-Pallas interpret mode.
+Every function takes ``backend="auto" | "mosaic" | "triton"``. ``"auto"`` picks Pallas' Triton
+lowering; the Mosaic GPU lowering (``pallas_gg.mosaic_lowering``, Hopper: TMA + wgmma over a
+device-built tile schedule) runs the direct forward and dX in bf16/fp16 so far and raises
+NotImplementedError elsewhere. Without a GPU the kernels run in Pallas interpret mode
+(Mosaic GPU's interpreter for the Mosaic kernels).
 """
 
 from gg_spec import DWConfig, DXConfig, ForwardConfig

@@ -14,6 +14,12 @@ import gg_spec
 from gg_spec import checks
 from pallas_gg import triton_lowering
 from pallas_gg._backend import resolve_backend, use_interpreter
+from pallas_gg.mosaic_lowering import ops as mosaic_lowering
+
+
+def _lowering(backend: str, *, mosaic_ready: bool):
+    name = resolve_backend(backend, mosaic_ready=mosaic_ready)
+    return mosaic_lowering if name == "mosaic" else triton_lowering
 from pallas_gg._validate import arg_infos, as_array, check_routing_values
 
 
@@ -54,14 +60,15 @@ def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False
     row p is scaled by topk_weights[gather_indices[p]]). With ``permute_y`` row p is stored at
     Y[gather_indices[p]] (Y in routed-row order). ``config`` is a ``ForwardConfig``.
     """
-    resolve_backend(backend)
+    lowering = _lowering(backend, mosaic_ready=True)
     X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
         X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
         permute_y=permute_y, fuse_mul_post=fuse_mul_post)
-    config = resolve_config("forward", config, permute_x=permute_x, permute_y=permute_y,
-                            fuse_mul_post=fuse_mul_post)
+    if config is not None or lowering is triton_lowering:  # Mosaic: its own default tile
+        config = resolve_config("forward", config, permute_x=permute_x, permute_y=permute_y,
+                                fuse_mul_post=fuse_mul_post)
     check_routing_values(dims, m_sizes, gather_indices)
-    return triton_lowering.forward(
+    return lowering.forward(
         X, W, m_sizes, _index_array(gather_indices),
         topk_weights if fuse_mul_post else None, topk=topk, num_rows=dims.m,
         permute_x=permute_x, permute_y=permute_y, fuse_mul_post=fuse_mul_post, config=config,
@@ -77,14 +84,15 @@ def grouped_gemm_dX(dY, W, m_sizes, gather_indices, topk, *, permute_x=False, pe
     dX[gather_indices[p]] (routed-row order; the differentiable op sums each token's k rows).
     ``config`` is a ``DXConfig``.
     """
-    resolve_backend(backend)
+    lowering = _lowering(backend, mosaic_ready=True)
     dY, W, m_sizes, gather_indices = map(as_array, (dY, W, m_sizes, gather_indices))
     info = arg_infos(dY=dY, W=W, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dX(info["dY"], info["W"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
-    config = resolve_config("dX", config, permute_x=permute_x, permute_y=permute_y)
+    if config is not None or lowering is triton_lowering:
+        config = resolve_config("dX", config, permute_x=permute_x, permute_y=permute_y)
     check_routing_values(dims, m_sizes, gather_indices)
-    return triton_lowering.dx(
+    return lowering.dx(
         dY, W, m_sizes, _index_array(gather_indices), num_rows=dims.m, permute_x=permute_x,
         permute_y=permute_y, config=config, interpret=use_interpreter(dY, W))
 

@@ -1,0 +1,142 @@
+"""Grouped GEMM on Mosaic GPU: out[p] = lhs[p] @ rhs[e(p)] (rhs[e] transposed for W [E, N, K]).
+
+A persistent kernel: one program per SM walks (tile, N-block) pairs of the device-built
+schedule (``schedule.tile_schedule``). Each visit streams BLOCK_K slices of the aligned lhs row
+block and of the expert's weights through shared memory with TMA (``emit_pipeline``,
+``max_concurrent_steps`` slices in flight) into a wgmma accumulator, then stores the
+expert's rows of the block. A TMA store has a static row count, so a visit's rows are stored
+as a sum of power-of-two slices (at most log2(BLOCK_M) + 1 copies), the technique of JAX's
+Mosaic GPU ragged_dot example.
+
+Forward: lhs = X [M, K], rhs = W [E, N, K] (transpose_rhs=True). dX: lhs = dY [M, N],
+rhs = W [E, N, K] read as [K-contraction = N, out = K] (transpose_rhs=False). bf16 / fp16
+operands, fp32 accumulation. TMA needs whole blocks along the contraction and output
+columns: K % BLOCK_K == 0 and N % BLOCK_N == 0 are checked with a ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_gg.mosaic_lowering.schedule import tile_schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    max_concurrent_steps: int = 4
+    num_sms: int = 132        # H100 SXM: 132, H200: 132
+
+
+def _check(lhs, rhs, m_sizes, transpose_rhs, cfg):
+    if lhs.ndim != 2 or rhs.ndim != 3 or m_sizes.ndim != 1:
+        raise ValueError(f"expected lhs [M, K], rhs [E, ., .], m_sizes [E]; got "
+                         f"{lhs.shape}, {rhs.shape}, {m_sizes.shape}")
+    if lhs.dtype != rhs.dtype or lhs.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"the Mosaic GPU kernels take bf16 or fp16 operands of one dtype "
+                         f"(wgmma); got lhs {lhs.dtype}, rhs {rhs.dtype}")
+    e, a, b = rhs.shape
+    n, k = (a, b) if transpose_rhs else (b, a)
+    if lhs.shape[1] != k or m_sizes.shape[0] != e:
+        raise ValueError(f"lhs {lhs.shape}, rhs {rhs.shape} (transpose_rhs={transpose_rhs}) "
+                         f"and m_sizes {m_sizes.shape} disagree on K or E")
+    if k % cfg.block_k or n % cfg.block_n:
+        raise ValueError(f"the Mosaic GPU kernels need whole TMA blocks: contraction {k} "
+                         f"must be a multiple of block_k={cfg.block_k} and output columns "
+                         f"{n} of block_n={cfg.block_n}")
+    return n, k
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
+                   transpose_rhs: bool, config: MosaicConfig = MosaicConfig(),
+                   interpret=False) -> jax.Array:
+    """out [M, N]: rows of expert e (consecutive, m_sizes[e] of them) times rhs[e]
+    (rhs[e].T with transpose_rhs). Rows past sum(m_sizes) are left unwritten.
+
+    interpret: False (compile for the GPU), True (Mosaic GPU's interpreter, on any device) or
+    a ``plgpu.InterpretGPUParams`` (the interpreter with those settings, e.g. its race
+    detector)."""
+    cfg = config
+    n, k = _check(lhs, rhs, m_sizes, transpose_rhs, cfg)
+    m = lhs.shape[0]
+    if m == 0:
+        return jnp.zeros((0, n), lhs.dtype)
+    sched = tile_schedule(m_sizes, m, cfg.block_m)
+    grid_n = n // cfg.block_n
+    visits = sched.expert.shape[0] * grid_n
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+
+    def body(expert_g, block_g, start_g, rows_g, lhs_gmem, rhs_gmem, out_gmem):
+        @plgpu.nd_loop((visits,), collective_axes="sm")
+        def _visit(info: plgpu.NDLoopInfo):
+            tile = info.index[0] // grid_n
+            ni = info.index[0] % grid_n
+            rows = rows_g[tile]
+
+            @pl.when(rows > 0)
+            def _():
+                expert, block, start = expert_g[tile], block_g[tile], start_g[tile]
+
+                def acc_scope(acc_ref):
+                    plgpu.emit_pipeline(
+                        lambda _, lhs_smem, rhs_smem: plgpu.wgmma(
+                            acc_ref, lhs_smem,
+                            rhs_smem.transpose((1, 0)) if transpose_rhs else rhs_smem),
+                        grid=(k // bk,),
+                        in_specs=[
+                            plgpu.BlockSpec((bm, bk), lambda kk: (block, kk),
+                                            delay_release=1),
+                            plgpu.BlockSpec((bn, bk) if transpose_rhs else (bk, bn),
+                                            (lambda kk: (ni, kk)) if transpose_rhs
+                                            else (lambda kk: (kk, ni)),
+                                            delay_release=1),
+                        ],
+                        max_concurrent_steps=cfg.max_concurrent_steps,
+                    )(lhs_gmem, rhs_gmem.at[expert])
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
+
+                @functools.partial(pl.run_scoped,
+                                   o_smem=plgpu.SMEM((bm, bn), dtype=out_gmem.dtype))
+                def _store(o_smem):
+                    o_smem[...] = acc.astype(o_smem.dtype)
+                    plgpu.commit_smem()
+                    offset = start
+                    # rows = sum of powers of two: one static-size TMA store per set bit
+                    for bit in reversed(range(int(math.log2(min(bm, m))) + 1)):
+                        size = 1 << bit
+
+                        @pl.when(rows & size != 0)
+                        def _():
+                            plgpu.copy_smem_to_gmem(
+                                o_smem.at[pl.ds(offset, size)],
+                                out_gmem.at[pl.ds(block * bm + offset, size),
+                                            pl.ds(ni * bn, bn)])
+                        offset += rows & size
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+        grid=(cfg.num_sms,),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    args = (sched.expert, sched.block, sched.start, sched.rows, lhs, rhs)
+    if interpret:  # Mosaic GPU's interpreter (CPU); plgpu.kernel(interpret=True) is not it
+        params = (interpret if isinstance(interpret, plgpu.InterpretGPUParams)
+                  else plgpu.InterpretGPUParams())
+        with plgpu.force_gpu_interpret_mode(params):
+            return kernel(*args)
+    return kernel(*args)

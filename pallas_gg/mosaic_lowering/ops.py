@@ -1,0 +1,71 @@
+"""The contract's forward and dX on the Mosaic GPU kernel, fusions as separate passes.
+
+On Hopper TMA cannot gather rows (that arrives with Blackwell), so this first version applies
+the fusions around the TMA-fed grouped GEMM: permute_x gathers X into expert order first
+(``x[gather // topk]``), permute_y scatters the rows into routed order after, fuse_mul_post
+scales them on the way. Fused row gathers (per-row copies by a producer warpgroup) are the
+alternative still to be written and measured against this. Same signatures as
+``pallas_gg.triton_lowering``; a gg_spec config's tile sizes are used when one is given
+(``num_stages`` as the number of TMA slices in flight), else ``MosaicConfig()``'s 128 x 128
+x 64 tile (one warpgroup's accumulator: the Triton lowering's default 128 x 256 would not fit
+its registers).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_gg.mosaic_lowering.matmul import MosaicConfig, grouped_matmul
+
+DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def check_supported(*arrays) -> None:
+    for a in arrays:
+        if a.dtype not in DTYPES:
+            raise NotImplementedError(
+                f"backend='mosaic' runs bf16 and fp16 only (wgmma operands), got {a.dtype}; "
+                f"use backend='triton' for {a.dtype}")
+
+
+def _zero_rows_past(y, m_sizes):
+    """Rows past sum(m_sizes) are not written by the kernel; the contract makes them zero."""
+    valid = jnp.arange(y.shape[0]) < jnp.sum(m_sizes)
+    return jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))
+
+
+def forward(x, w, m_sizes, gather_indices, topk_weights, *, topk, num_rows, permute_x,
+            permute_y, fuse_mul_post, config, interpret, out_dtype=None):
+    check_supported(x, w)
+    cfg = (MosaicConfig() if config is None else
+           MosaicConfig(config.block_m, config.block_n, config.block_k, config.num_stages))
+    if permute_x:
+        x = x[gather_indices // topk]
+    y = _zero_rows_past(grouped_matmul(x, w, m_sizes, transpose_rhs=True, config=cfg,
+                                       interpret=interpret), m_sizes)
+    if fuse_mul_post:
+        scale = topk_weights[gather_indices].astype(jnp.float32)
+        y = (y.astype(jnp.float32) * scale[:, None]).astype(y.dtype)
+    if permute_y:
+        y = jnp.zeros_like(y).at[gather_indices].set(y)
+    return y.astype(out_dtype or y.dtype)
+
+
+def dx(dy, w, m_sizes, gather_indices, *, num_rows, permute_x, permute_y, config, interpret,
+       out_dtype=None):
+    check_supported(dy, w)
+    # dX's output columns are K (the config's block_k), its reduction runs over N (block_n)
+    cfg = (MosaicConfig() if config is None else
+           MosaicConfig(config.block_m, config.block_k, config.block_n, config.num_stages))
+    if permute_y:
+        dy = dy[gather_indices]
+    dx_ = _zero_rows_past(grouped_matmul(dy, w, m_sizes, transpose_rhs=False, config=cfg,
+                                         interpret=interpret), m_sizes)
+    if permute_x:
+        dx_ = jnp.zeros_like(dx_).at[gather_indices].set(dx_)
+    return dx_.astype(out_dtype or dx_.dtype)
+
+
+def dw(*args, **kwargs):
+    raise NotImplementedError("backend='mosaic': dW is not written yet (planned: a kernel "
+                              "ragged along the reduction); use backend='triton'")
