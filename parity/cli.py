@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--moe-block", action="store_true",
                       help="the whole expert block (triton_gg.moe_experts and "
                            "pallas_gg.moe_experts, outputs and gradients) on the presets, "
-                           "plain and with biases and foreign expert ids (parity.block)")
+                           "plain and with biases and foreign expert ids, against a float64 "
+                           "loop on the CPU (parity.block; --backends narrows the two)")
     what.add_argument("--max-weight-elems", type=float, default=MAX_WEIGHT_ELEMS,
                       help="skip shapes whose W has more elements (host reference memory)")
     how = p.add_argument_group("how")
@@ -272,7 +273,9 @@ def _run_blocks(args, device: str) -> int:
     for name in presets:
         for extras in (dict(), dict(biases=True, foreign_ids=True)):
             case = BlockCase(name, tokens, args.dtype, args.seed, device=device, **extras)
-            report = run_block(case)
+            chosen = [b for b in ("triton_gg", "pallas_gg")
+                      if args.backends is None or b in args.backends]
+            report = run_block(case, chosen)
             reports.append(report)
             print(report.table(), flush=True)
     if args.json:

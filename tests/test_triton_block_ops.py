@@ -170,3 +170,53 @@ def test_block_compiles_fullgraph():
     g2 = torch.autograd.grad(compiled.sum(), (hidden, weights, layer.gate_up_proj))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+def _layer_inputs(seed=6, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    layer = triton_gg.MoEExperts(4, 16, 8, dtype=dtype)
+    hidden = torch.randn(6, 16, generator=gen).to(dtype).requires_grad_(True)
+    idx = torch.randint(0, 4, (6, 2), generator=gen)
+    weights = torch.rand(6, 2, generator=gen, requires_grad=True)   # fp32 router weights
+    return layer, hidden, idx, weights
+
+
+def test_checkpointing_and_retain_graph():
+    """H is a saved tensor (non-reentrant checkpointing, the transformers default, recomputes
+    it); the in-place dH makes a second backward through the same graph fail loudly."""
+    from torch.utils.checkpoint import checkpoint
+    layer, hidden, idx, weights = _layer_inputs()
+    params = (hidden, weights, layer.gate_up_proj, layer.down_proj)
+    plain = torch.autograd.grad(layer(hidden, idx, weights).sum(), params)
+    ckpt_out = checkpoint(layer, hidden, idx, weights, use_reentrant=False)
+    for a, b in zip(plain, torch.autograd.grad(ckpt_out.sum(), params)):
+        torch.testing.assert_close(a, b)
+    out = layer(hidden, idx, weights).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+def test_router_weights_keep_their_dtype():
+    """fp32 routing weights with bf16 experts: the weights' gradient comes back fp32."""
+    layer, hidden, idx, weights = _layer_inputs(dtype=torch.bfloat16)
+    out = layer(hidden, idx, weights)
+    assert out.dtype == torch.bfloat16
+    (g,) = torch.autograd.grad(out.float().sum(), (weights,))
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+
+
+def test_combine_backward_with_strided_inputs():
+    gen = torch.Generator().manual_seed(8)
+    gather = torch.randperm(8, generator=gen).to(torch.int32)
+    pos = _inverse(gather)
+    base = torch.randn(24, 8, generator=gen)
+    y = base.t().requires_grad_(True)            # [8, 24], not contiguous
+    weights = torch.rand(8, generator=gen, requires_grad=True)
+    d_out = torch.randn(4, 24, generator=gen)
+    grads = torch.autograd.grad(_block_ops.combine(y, weights, pos, 2), (y, weights), d_out)
+    y64 = y.detach().double().requires_grad_(True)
+    w64 = weights.detach().double().requires_grad_(True)
+    ref = torch.autograd.grad(_combine_reference(y64, w64, pos, 2), (y64, w64), d_out.double())
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a.double(), b)

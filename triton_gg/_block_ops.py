@@ -56,7 +56,9 @@ def _swiglu_setup(ctx, inputs, output):
 
 def swiglu_backward_impl(h, da):
     """dH [M, 2I] of A = silu(gate) * up, from dA [M, I] (one fused pass)."""
-    return launch_swiglu_backward(h.contiguous(), da.contiguous(), torch.empty_like(h))
+    h = h.contiguous()
+    return launch_swiglu_backward(h, da.contiguous(),
+                                  torch.empty(h.shape, dtype=h.dtype, device=h.device))
 
 
 @torch.library.custom_op("triton_gg::swiglu_backward", mutates_args=())
@@ -96,10 +98,13 @@ swiglu_gemm_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 
 class _EagerSwigluGemm(torch.autograd.Function):
-    """Eager path, returning A only: H is an intermediate here, held on ctx (not an output,
-    so no reference cycle) and dropped as soon as dH is formed, before the dW copy of X and
-    the dX output are allocated. That keeps the block's backward peak under the
-    torch._grouped_mm block's (H is 2 bytes x M x 2I: 0.2 GB at Qwen3-30B-A3B, T=8192)."""
+    """Eager path, returning A only. H is saved with save_for_backward (so checkpointing and
+    saved-tensor hooks see it) and the backward writes dH over it in place: each element of
+    dH needs only the gate and up values at its own position, and dropping the separate dH
+    buffer (2 bytes x M x 2I: 0.2 GB at Qwen3-30B-A3B, T=8192) keeps the block's backward
+    peak under the torch._grouped_mm block's while dW's gathered copy of X is alive. A
+    second backward through the same graph (retain_graph) then fails autograd's version
+    check with its usual error instead of reading dH as H."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -107,16 +112,16 @@ class _EagerSwigluGemm(torch.autograd.Function):
         h, a = swiglu_gemm_impl(*inputs[:6], inputs[6])
         ctx.topk, ctx.permute_x, ctx.tokens = topk, permute_x, x.shape[0]
         ctx.dx_config, ctx.dw_config = dx_config, dw_config
-        ctx.save_for_backward(x, w, m_sizes, gather)
-        ctx.h = h
+        ctx.save_for_backward(x, w, m_sizes, gather, h)
         return a
 
     @staticmethod
     def backward(ctx, grad_a):
-        h, ctx.h = ctx.h, None
-        dh = swiglu_backward_impl(h, grad_a)
-        del h
-        return _dx_dw(ctx, dh, *ctx.saved_tensors, run_dx=_ops.dx_impl, run_dw=_ops.dw_impl)
+        x, w, m_sizes, gather, h = ctx.saved_tensors
+        dh = launch_swiglu_backward(h, grad_a.contiguous(), h)  # in place: dH over H
+        torch.autograd.graph.increment_version(h)  # the kernel's write, made visible
+        return _dx_dw(ctx, dh, x, w, m_sizes, gather, run_dx=_ops.dx_impl,
+                      run_dw=_ops.dw_impl)
 
 
 def swiglu_gemm(*inputs) -> torch.Tensor:
@@ -154,8 +159,10 @@ def _combine_setup(ctx, inputs, output):
 
 
 def combine_backward_impl(y, weights, pos, d_out, topk, need_weights):
-    dy = torch.empty_like(y)
-    d_weights = torch.empty_like(weights) if need_weights else None
+    y, weights, pos = y.contiguous(), weights.contiguous(), pos.contiguous()
+    dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    d_weights = (torch.empty(weights.shape, dtype=weights.dtype, device=weights.device)
+                 if need_weights else None)
     launch_combine_backward(y, weights, pos, d_out.contiguous(), dy, d_weights, topk=topk)
     return dy, d_weights
 

@@ -116,7 +116,8 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     tokens, topk = top_k_index.shape
     num_experts = w1.shape[0]
     x = hidden.to(w1.dtype)
-    index, weights = _mask_foreign_slots(top_k_index, top_k_weights.to(w1.dtype), num_experts)
+    # routing weights keep their dtype (fp32 from most routers): combine reads them in fp32
+    index, weights = _mask_foreign_slots(top_k_index, top_k_weights, num_experts)
     fused_gate = mid is None and b1 is None
     if mid is None and not fused_gate:
         mid = silu_gate()
