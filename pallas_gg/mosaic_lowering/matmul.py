@@ -49,10 +49,12 @@ def _check(lhs, rhs, m_sizes, transpose_rhs, cfg):
     if lhs.shape[1] != k or m_sizes.shape[0] != e:
         raise ValueError(f"lhs {lhs.shape}, rhs {rhs.shape} (transpose_rhs={transpose_rhs}) "
                          f"and m_sizes {m_sizes.shape} disagree on K or E")
-    if k % cfg.block_k or n % cfg.block_n:
-        raise ValueError(f"the Mosaic GPU kernels need whole TMA blocks: contraction {k} "
-                         f"must be a multiple of block_k={cfg.block_k} and output columns "
-                         f"{n} of block_n={cfg.block_n}")
+    bad = ([f"contraction {k} is not a multiple of block_k={cfg.block_k}"] if k % cfg.block_k
+           else []) + ([f"output columns {n} are not a multiple of block_n={cfg.block_n}"]
+                       if n % cfg.block_n else [])
+    if bad:
+        raise ValueError("the Mosaic GPU kernels need whole TMA blocks: " + "; ".join(bad)
+                         + f" (lhs {lhs.shape}, rhs {rhs.shape})")
     return n, k
 
 
