@@ -81,6 +81,11 @@ def test_swiglu_gemm_outputs_every_row():
     assert torch.isfinite(h).all() and torch.isfinite(a).all()
 
 
+def _all_rows(m):
+    """m_sizes saying every one of the m rows was written (one expert)."""
+    return torch.tensor([m], dtype=torch.int32)
+
+
 def _combine_reference(y, weights, pos, topk):
     tokens = pos.shape[0] // topk
     rows = y.double()[pos.long()].view(tokens, topk, y.shape[1])
@@ -98,7 +103,7 @@ def test_combine_forward_and_backward(tokens, topk, hidden, dtype):
     assert torch.equal(pos[gather.long()], torch.arange(m, dtype=torch.int32))
     y = torch.randn(m, hidden, generator=gen).to(dtype).requires_grad_(True)
     weights = torch.rand(m, generator=gen).to(dtype).requires_grad_(True)
-    out = _block_ops.combine(y, weights, pos, topk)
+    out = _block_ops.combine(y, weights, pos, _all_rows(m), topk)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5,
                                                                         atol=1e-6)
     torch.testing.assert_close(out.double(), _combine_reference(y.detach(), weights.detach(),
@@ -118,7 +123,7 @@ def test_combine_backward_without_weight_gradient_writes_every_row():
     gather = torch.randperm(12, generator=gen).to(torch.int32)
     y = torch.randn(12, 33, generator=gen, requires_grad=True)
     weights = torch.rand(12, generator=gen)  # no gradient wanted
-    out = _block_ops.combine(y, weights, _inverse(gather), 3)
+    out = _block_ops.combine(y, weights, _inverse(gather), _all_rows(12), 3)
     (gy,) = torch.autograd.grad(out, (y,), torch.randn(4, 33, generator=gen))
     assert torch.isfinite(gy).all()
 
@@ -214,9 +219,79 @@ def test_combine_backward_with_strided_inputs():
     y = base.t().requires_grad_(True)            # [8, 24], not contiguous
     weights = torch.rand(8, generator=gen, requires_grad=True)
     d_out = torch.randn(4, 24, generator=gen)
-    grads = torch.autograd.grad(_block_ops.combine(y, weights, pos, 2), (y, weights), d_out)
+    grads = torch.autograd.grad(_block_ops.combine(y, weights, pos, _all_rows(8), 2),
+                                (y, weights), d_out)
     y64 = y.detach().double().requires_grad_(True)
     w64 = weights.detach().double().requires_grad_(True)
     ref = torch.autograd.grad(_combine_reference(y64, w64, pos, 2), (y64, w64), d_out.double())
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a.double(), b)
+
+
+def test_combine_skips_rows_past_the_routed_ones():
+    """Rows at positions >= sum(m_sizes) (dropped slots: no GEMM wrote them) are never read:
+    poisoned with NaN they change nothing, forward or backward."""
+    gen = torch.Generator().manual_seed(9)
+    tokens, topk, hidden = 6, 3, 40
+    m = tokens * topk
+    gather = torch.randperm(m, generator=gen).to(torch.int32)
+    pos = _inverse(gather)
+    m_sizes = torch.tensor([7, 0, 4], dtype=torch.int32)    # 11 rows written of 18
+    dropped = pos >= 11
+    y = torch.randn(m, hidden, generator=gen)
+    y[11:] = float("nan")
+    y.requires_grad_(True)
+    weights = torch.rand(m, generator=gen)
+    weights[dropped] = 0.0
+    weights.requires_grad_(True)
+    out = _block_ops.combine(y, weights, pos, m_sizes, topk)
+    clean = torch.where(torch.arange(m)[:, None] < 11, y.detach(), 0.0)
+    torch.testing.assert_close(out.double(), _combine_reference(clean, weights.detach(), pos,
+                                                                topk))
+    gy, gw = torch.autograd.grad(out, (y, weights), torch.randn(tokens, hidden, generator=gen))
+    assert torch.isfinite(gy[:11]).all() and torch.isfinite(gw).all()
+    assert torch.all(gw[dropped] == 0)
+
+
+def test_foreign_slots_are_dropped_on_the_fused_path(monkeypatch):
+    """Ids outside [0, E) never reach a GEMM on the fused path (m_sizes counts only the
+    others), the rows the GEMMs leave unwritten are never read (poisoned with NaN here),
+    and the block matches the eager loop, gradients included."""
+    from test_triton_moe import eager_experts as eager  # ids outside [0, E) match nothing
+    gen = torch.Generator().manual_seed(12)
+    t, e, k, h, i = 9, 4, 3, 24, 8
+    hidden = torch.randn(t, h, generator=gen, requires_grad=True)
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).requires_grad_(True)
+    down = (torch.randn(e, h, i, generator=gen) / i**0.5).requires_grad_(True)
+    idx = torch.topk(torch.randn(t, e, generator=gen), k, dim=-1).indices
+    idx[::2, 0] = e
+    idx[1, 1] = -1
+    idx[4] = e + 3                                          # a token with no local expert
+    weights = torch.softmax(torch.randn(t, k, generator=gen), -1).requires_grad_(True)
+    inputs = (hidden, gate_up, down, weights)
+    valid = int(((idx >= 0) & (idx < e)).sum())
+    seen = []
+    real_swiglu = _block_ops.swiglu_gemm_impl
+    real_forward = _ops.forward_impl
+
+    def poisoned_swiglu(x, w, m_sizes, gather, topk, permute_x, cfg):
+        seen.append(int(m_sizes.sum()))
+        h_, a_ = real_swiglu(x, w, m_sizes, gather, topk, permute_x, cfg)
+        h_[valid:] = float("nan")
+        a_[valid:] = float("nan")
+        return h_, a_
+
+    def poisoned_forward(*args):
+        y_, y_unweighted = real_forward(*args)
+        y_[valid:] = float("nan")
+        return y_, y_unweighted
+    monkeypatch.setattr(_block_ops, "swiglu_gemm_impl", poisoned_swiglu)
+    monkeypatch.setattr(_ops, "forward_impl", poisoned_forward)
+    ours = triton_gg.moe_experts(hidden, gate_up, down, idx, weights)
+    assert seen == [valid]
+    ref = eager(hidden, gate_up, down, idx, weights)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    assert torch.all(ours[4] == 0)
+    d = torch.randn(t, h, generator=gen)
+    for a, b in zip(torch.autograd.grad(ours, inputs, d), torch.autograd.grad(ref, inputs, d)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -79,18 +79,31 @@ def _swiglu_backward(ctx, grad_h, grad_a, *, run_dx=_ops.dx_op, run_dw=_ops.dw_o
     dh = run_act(h, grad_a) if grad_a is not None else torch.zeros_like(h)
     if grad_h is not None:
         dh = dh + grad_h
-    return _dx_dw(ctx, dh, x, w, m_sizes, gather, run_dx=run_dx, run_dw=run_dw)
+    return _dx_dw(ctx, dh, x, w, m_sizes, gather, run_dx=run_dx, run_dw=run_dw,
+                  run_combine=combine_op)
 
 
-def _dx_dw(ctx, dh, x, w, m_sizes, gather, *, run_dx, run_dw):
+def inverse_permutation(gather: torch.Tensor) -> torch.Tensor:
+    """pos[r]: the expert-order position of routed row r (gather is a permutation)."""
+    pos = torch.empty_like(gather)
+    pos[gather.long()] = torch.arange(gather.shape[0], dtype=gather.dtype,
+                                      device=gather.device)
+    return pos
+
+
+def _dx_dw(ctx, dh, x, w, m_sizes, gather, *, run_dx, run_dw, run_combine):
     d_x = d_w = None
     if ctx.needs_input_grad[1]:  # first: its gathered copy of X is freed before dX allocates
         d_w = _ops.dw_with_gather(run_dw, x, dh, m_sizes, gather, ctx.topk, ctx.permute_x,
                                   False, ctx.dw_config)
     if ctx.needs_input_grad[0]:
-        d_x = run_dx(dh, w, m_sizes, gather, ctx.topk, ctx.permute_x, False, ctx.dx_config)
-        if ctx.permute_x:  # sum the k routed copies of each token
-            d_x = d_x.view(ctx.tokens, ctx.topk, d_x.shape[1]).sum(dim=1)
+        # dX in expert order, then each token's k rows summed by the combine pass, which
+        # skips rows past sum(m_sizes): the block drops routing slots of other ranks'
+        # experts there, and no GEMM writes their rows
+        d_x = run_dx(dh, w, m_sizes, gather, ctx.topk, False, False, ctx.dx_config)
+        if ctx.permute_x:
+            ones = torch.ones(gather.shape[0], dtype=torch.float32, device=d_x.device)
+            d_x = run_combine(d_x, ones, inverse_permutation(gather), m_sizes, ctx.topk)
     return (d_x, d_w) + (None,) * 7
 
 
@@ -121,7 +134,7 @@ class _EagerSwigluGemm(torch.autograd.Function):
         dh = launch_swiglu_backward(h, grad_a.contiguous(), h)  # in place: dH over H
         torch.autograd.graph.increment_version(h)  # the kernel's write, made visible
         return _dx_dw(ctx, dh, x, w, m_sizes, gather, run_dx=_ops.dx_impl,
-                      run_dw=_ops.dw_impl)
+                      run_dw=_ops.dw_impl, run_combine=combine_impl)
 
 
 def swiglu_gemm(*inputs) -> torch.Tensor:
@@ -133,60 +146,62 @@ def swiglu_gemm(*inputs) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- combine
 
-def combine_impl(y, weights, pos, topk):
+def combine_impl(y, weights, pos, m_sizes, topk):
     tokens = pos.shape[0] // topk if topk else 0
     out = torch.empty((tokens, y.shape[1]), dtype=y.dtype, device=y.device)
-    return launch_combine(y.contiguous(), weights.contiguous(), pos.contiguous(), out,
-                          topk=topk)
+    return launch_combine(y.contiguous(), weights.contiguous(), pos.contiguous(),
+                          m_sizes.contiguous(), out, topk=topk)
 
 
 @torch.library.custom_op("triton_gg::combine", mutates_args=())
 def combine_op(y: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor,
-               topk: int) -> torch.Tensor:
-    """out [T, H] = sum_j weights[t*k + j] * y[pos[t*k + j]]."""
-    return combine_impl(y, weights, pos, topk)
+               m_sizes: torch.Tensor, topk: int) -> torch.Tensor:
+    """out [T, H] = sum_j weights[t*k + j] * y[pos[t*k + j]], skipping positions
+    >= sum(m_sizes) (rows no GEMM wrote: dropped routing slots)."""
+    return combine_impl(y, weights, pos, m_sizes, topk)
 
 
 @combine_op.register_fake
-def _(y, weights, pos, topk):
+def _(y, weights, pos, m_sizes, topk):
     return y.new_empty((pos.shape[0] // topk if topk else 0, y.shape[1]))
 
 
 def _combine_setup(ctx, inputs, output):
-    y, weights, pos, topk = inputs
+    y, weights, pos, m_sizes, topk = inputs
     ctx.topk = topk
-    ctx.save_for_backward(y, weights, pos)
+    ctx.save_for_backward(y, weights, pos, m_sizes)
 
 
-def combine_backward_impl(y, weights, pos, d_out, topk, need_weights):
+def combine_backward_impl(y, weights, pos, m_sizes, d_out, topk, need_weights):
     y, weights, pos = y.contiguous(), weights.contiguous(), pos.contiguous()
     dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     d_weights = (torch.empty(weights.shape, dtype=weights.dtype, device=weights.device)
                  if need_weights else None)
-    launch_combine_backward(y, weights, pos, d_out.contiguous(), dy, d_weights, topk=topk)
+    launch_combine_backward(y, weights, pos, m_sizes.contiguous(), d_out.contiguous(), dy,
+                            d_weights, topk=topk)
     return dy, d_weights
 
 
 @torch.library.custom_op("triton_gg::combine_backward", mutates_args=())
 def combine_backward_op(y: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor,
-                        d_out: torch.Tensor, topk: int,
+                        m_sizes: torch.Tensor, d_out: torch.Tensor, topk: int,
                         need_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dy, d_weights = combine_backward_impl(y, weights, pos, d_out, topk, need_weights)
+    dy, d_weights = combine_backward_impl(y, weights, pos, m_sizes, d_out, topk, need_weights)
     return dy, d_weights if d_weights is not None else weights.new_empty((0,))
 
 
 @combine_backward_op.register_fake
-def _(y, weights, pos, d_out, topk, need_weights):
+def _(y, weights, pos, m_sizes, d_out, topk, need_weights):
     return torch.empty_like(y), weights.new_empty(weights.shape if need_weights else (0,))
 
 
 def _combine_backward(ctx, d_out, *, run=combine_backward_op):
     """The registered (traceable) backward runs the custom op; the eager Function passes
     the plain implementation."""
-    y, weights, pos = ctx.saved_tensors
+    y, weights, pos, m_sizes = ctx.saved_tensors
     need_weights = ctx.needs_input_grad[1]
-    dy, d_weights = run(y, weights, pos, d_out, ctx.topk, need_weights)
-    return dy, (d_weights if need_weights else None), None, None
+    dy, d_weights = run(y, weights, pos, m_sizes, d_out, ctx.topk, need_weights)
+    return dy, (d_weights if need_weights else None), None, None, None
 
 
 combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
@@ -204,8 +219,8 @@ class _EagerCombine(torch.autograd.Function):
         return _combine_backward(ctx, d_out, run=combine_backward_impl)
 
 
-def combine(y, weights, pos, topk) -> torch.Tensor:
+def combine(y, weights, pos, m_sizes, topk) -> torch.Tensor:
     """Differentiable top-k combine; see combine_op."""
     if torch.compiler.is_compiling():
-        return combine_op(y, weights, pos, topk)
-    return _EagerCombine.apply(y, weights, pos, topk)
+        return combine_op(y, weights, pos, m_sizes, topk)
+    return _EagerCombine.apply(y, weights, pos, m_sizes, topk)

@@ -11,8 +11,10 @@ the routing weights get gradients).
 
 Slots whose expert id lies outside [0, E) contribute nothing (the convention of transformers'
 expert parallelism, whose dispatcher marks tokens of other ranks' experts with such ids): their
-routing weight is replaced by zero and the id by 0 before routing, so the kernels never see
-an out-of-range id and no host check is needed.
+routing weight is replaced by zero. On the fused SiLU-gate path they are dropped (routed past
+sum(m_sizes): no GEMM computes them, the combine passes skip them), so an expert-parallel
+rank pays only for its own experts' rows; on the unfused path (a model's own gate, a bias on
+the first GEMM) they still run on expert 0 and are discarded. No host check either way.
 """
 
 from __future__ import annotations
@@ -63,20 +65,18 @@ def _check_block(hidden, w1, w2, top_k_index, top_k_weights, b1, b2, names):
             _fail(f"{name} must be [E, N] = {want}, got {tuple(bias.shape)}")
 
 
-def _mask_foreign_slots(top_k_index, top_k_weights, num_experts):
-    """Ids outside [0, E) -> expert 0 with routing weight 0 (see the module docstring)."""
+def _mask_foreign_slots(top_k_index, top_k_weights, num_experts, *, drop: bool):
+    """Ids outside [0, E) get routing weight 0 and the id E (drop: ``route`` leaves them out
+    of m_sizes and sorts them last, so no GEMM computes them) or 0 (computed on expert 0
+    and discarded: for the paths whose backward cannot skip rows yet)."""
     valid = (top_k_index >= 0) & (top_k_index < num_experts)
-    index = torch.where(valid, top_k_index, torch.zeros_like(top_k_index))
+    index = torch.where(valid, top_k_index,
+                        torch.full_like(top_k_index, num_experts if drop else 0))
     weights = torch.where(valid, top_k_weights, torch.zeros_like(top_k_weights))
     return index, weights
 
 
-def _inverse(gather: torch.Tensor) -> torch.Tensor:
-    """pos[r]: the expert-order position of routed row r (gather is a permutation)."""
-    pos = torch.empty_like(gather)
-    pos[gather.long()] = torch.arange(gather.shape[0], dtype=gather.dtype,
-                                      device=gather.device)
-    return pos
+_inverse = _block_ops.inverse_permutation
 
 
 def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune):
@@ -116,9 +116,13 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     tokens, topk = top_k_index.shape
     num_experts = w1.shape[0]
     x = hidden.to(w1.dtype)
-    # routing weights keep their dtype (fp32 from most routers): combine reads them in fp32
-    index, weights = _mask_foreign_slots(top_k_index, top_k_weights, num_experts)
     fused_gate = mid is None and b1 is None
+    # routing weights keep their dtype (fp32 from most routers): combine reads them in fp32.
+    # Foreign slots are dropped on the fused path (its backward sums dX through the
+    # combine pass, which skips unwritten rows); the unfused path's generic permute_x
+    # backward needs every row written, so there they run on expert 0 with weight 0.
+    index, weights = _mask_foreign_slots(top_k_index, top_k_weights, num_experts,
+                                         drop=fused_gate)
     if mid is None and not fused_gate:
         mid = silu_gate()
     if fused_gate and w1.shape[1] != 2 * w2.shape[2]:
@@ -141,9 +145,10 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                   f"{tuple(w2.shape)} takes [{gather.shape[0]}, {w2.shape[2]}]")
         y = grouped_gemm(a.to(w2.dtype), w2, m_sizes, gather, topk,
                          autotune=autotune)                   # [M, H], expert order
-    out = _block_ops.combine(y, weights.reshape(-1), _inverse(gather), topk)
+    out = _block_ops.combine(y, weights.reshape(-1), _inverse(gather), m_sizes, topk)
     if b2 is not None:  # sum_j w_j * b2[e_j]: the bias rides the routing weight too
-        out = out + torch.einsum("tk,tkh->th", weights, b2.to(weights.dtype)[index])
+        b2_rows = b2.to(weights.dtype)[index.clamp(max=num_experts - 1)]   # dropped: weight 0
+        out = out + torch.einsum("tk,tkh->th", weights, b2_rows)
     return out.to(hidden.dtype)
 
 

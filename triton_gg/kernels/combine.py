@@ -5,6 +5,9 @@ Backward: dY[pos[r]] = w[r] * dO[r // k]        (dY in expert order, ready for T
           dw[r]      = <dO[r // k], Y[pos[r]]>
 
 pos[r] is the expert-order position of routed row r (the inverse of the gather indices).
+Rows at positions >= sum(m_sizes) were dropped by the routing (expert ids outside [0, E):
+another rank's experts): no GEMM wrote them, so they are never read and contribute nothing
+(their weight is zero and their Y row may hold anything).
 The routing weight is applied here rather than in the second GEMM's epilogue: Y is then
 stored once (not weighted and unweighted), and the backward's dY is formed in one pass
 that also yields the routing weights' gradient. fp32 accumulation; a token's k rows are
@@ -14,10 +17,20 @@ summed in a fixed order (deterministic).
 import triton
 import triton.language as tl
 
+from triton_gg.kernels.forward import next_pow2
+
 
 @triton.jit
-def _combine_kernel(y_ptr, w_ptr, pos_ptr, out_ptr, TOPK, H: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, T):
+def _routed_rows(m_sizes_ptr, E, E_POW2: tl.constexpr):
+    """sum(m_sizes): positions past it hold no GEMM output."""
+    experts = tl.arange(0, E_POW2)
+    return tl.sum(tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int64), 0)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, out_ptr, TOPK, E, H: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, E_POW2: tl.constexpr, T):
+    rows_written = _routed_rows(m_sizes_ptr, E, E_POW2)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_mask = tokens < T
@@ -27,20 +40,24 @@ def _combine_kernel(y_ptr, w_ptr, pos_ptr, out_ptr, TOPK, H: tl.constexpr,
         routed = tokens.to(tl.int64) * TOPK + j
         p = tl.load(pos_ptr + routed, mask=t_mask, other=0).to(tl.int64)
         w = tl.load(w_ptr + routed, mask=t_mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + p[:, None] * H + cols[None, :], mask=mask, other=0.0)
+        y = tl.load(y_ptr + p[:, None] * H + cols[None, :],
+                    mask=mask & (p < rows_written)[:, None], other=0.0)
         acc += w[:, None] * y.to(tl.float32)
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * H + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _combine_backward_kernel(y_ptr, w_ptr, pos_ptr, do_ptr, dy_ptr, dw_ptr, R, TOPK,
-                             H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+def _combine_backward_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, do_ptr, dy_ptr, dw_ptr, R,
+                             TOPK, E, H: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_H: tl.constexpr, E_POW2: tl.constexpr,
                              NEED_DW: tl.constexpr):
+    rows_written = _routed_rows(m_sizes_ptr, E, E_POW2)
     routed = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = routed < R
     routed = routed.to(tl.int64)
     p = tl.load(pos_ptr + routed, mask=r_mask, other=0).to(tl.int64)
+    written = r_mask & (p < rows_written)
     w = tl.load(w_ptr + routed, mask=r_mask, other=0.0).to(tl.float32)
     token = routed // TOPK
     dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -52,26 +69,28 @@ def _combine_backward_kernel(y_ptr, w_ptr, pos_ptr, do_ptr, dy_ptr, dw_ptr, R, T
         tl.store(dy_ptr + p[:, None] * H + cols[None, :],
                  (w[:, None] * do).to(dy_ptr.dtype.element_ty), mask=mask)
         if NEED_DW:
-            y = tl.load(y_ptr + p[:, None] * H + cols[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + p[:, None] * H + cols[None, :],
+                        mask=mask & written[:, None], other=0.0).to(tl.float32)
             dot += tl.sum(do * y, axis=1)
     if NEED_DW:
         tl.store(dw_ptr + routed, dot.to(dw_ptr.dtype.element_ty), mask=r_mask)
 
 
-def launch_combine(y, weights, pos, out, *, topk, block_t=4, block_h=512, num_warps=4):
-    """out [T, H] (preallocated) from y [M, H], weights [T*k], pos [T*k]."""
+def launch_combine(y, weights, pos, m_sizes, out, *, topk, block_t=4, block_h=512,
+                   num_warps=4):
+    """out [T, H] (preallocated) from y [M, H], weights [T*k], pos [T*k], m_sizes [E]."""
     tokens, h = out.shape
     if tokens == 0 or h == 0:
         return out
     grid = (triton.cdiv(tokens, block_t), triton.cdiv(h, block_h))
-    _combine_kernel[grid](y, weights, pos, out, topk, h, BLOCK_T=block_t, BLOCK_H=block_h,
-                          T=tokens, num_warps=num_warps)
+    _combine_kernel[grid](y, weights, pos, m_sizes, out, topk, m_sizes.shape[0], h,
+                          BLOCK_T=block_t, BLOCK_H=block_h,
+                          E_POW2=next_pow2(m_sizes.shape[0]), T=tokens, num_warps=num_warps)
     return out
 
 
-def launch_combine_backward(y, weights, pos, d_out, dy, d_weights, *, topk, block_r=8,
-                            block_h=256, num_warps=4):
+def launch_combine_backward(y, weights, pos, m_sizes, d_out, dy, d_weights, *, topk,
+                            block_r=8, block_h=256, num_warps=4):
     """dy [M, H] and d_weights [T*k] (None: not needed) from d_out [T, H]."""
     routed, h = pos.shape[0], d_out.shape[1]
     if routed == 0 or h == 0:
@@ -80,7 +99,8 @@ def launch_combine_backward(y, weights, pos, d_out, dy, d_weights, *, topk, bloc
         return dy, d_weights
     grid = (triton.cdiv(routed, block_r),)
     _combine_backward_kernel[grid](
-        y, weights, pos, d_out, dy, d_weights if d_weights is not None else weights,
-        routed, topk, h, BLOCK_R=block_r, BLOCK_H=block_h, NEED_DW=d_weights is not None,
+        y, weights, pos, m_sizes, d_out, dy, d_weights if d_weights is not None else weights,
+        routed, topk, m_sizes.shape[0], h, BLOCK_R=block_r, BLOCK_H=block_h,
+        E_POW2=next_pow2(m_sizes.shape[0]), NEED_DW=d_weights is not None,
         num_warps=num_warps)
     return dy, d_weights
