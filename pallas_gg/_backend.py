@@ -1,8 +1,9 @@
 """Which Pallas lowering runs a call, and whether it runs interpreted.
 
 ``backend="auto" | "mosaic" | "triton"`` is accepted by every public function. ``"auto"`` picks
-the Triton lowering; ``"mosaic"`` (Mosaic GPU, for Hopper) runs the direct forward and dX so
-far (``pallas_gg.mosaic_lowering``) and raises NotImplementedError for the rest.
+the Triton lowering; ``"mosaic"`` (Mosaic GPU, for Hopper; ``pallas_gg.mosaic_lowering``) runs
+the direct forward, dX and dW, the differentiable op, routing and the expert block, and
+raises NotImplementedError for the rest (ragged_dot, tune).
 Without a GPU (or for arrays that live on the CPU) the kernels run with ``interpret=True``.
 """
 
@@ -35,15 +36,16 @@ def quiet_triton_deprecation():
 def resolve_backend(backend: str, *, mosaic_ready: bool = False) -> str:
     """The lowering that will run. ``"auto"`` is the Triton lowering (the Mosaic GPU one is
     not yet measured faster anywhere). ``"mosaic"`` runs where its kernels exist
-    (``mosaic_ready``: the direct forward and dX) and raises NotImplementedError elsewhere."""
+    (``mosaic_ready``) and raises NotImplementedError elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "mosaic":
         if not mosaic_ready:
             raise NotImplementedError(
-                "backend='mosaic' (the Mosaic GPU lowering of pallas_gg, for Hopper) runs the "
-                "direct forward and dX so far; this function on it is planned but not "
-                "implemented yet: use backend='triton' or 'auto'")
+                "backend='mosaic' (the Mosaic GPU lowering of pallas_gg, for Hopper) runs "
+                "grouped_gemm_forward / _dX / _dW, grouped_gemm, route and moe_experts so "
+                "far; this function on it is planned but not implemented yet: use "
+                "backend='triton' or 'auto'")
         return "mosaic"
     return "triton"
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from gg_spec import DWConfig, DXConfig, ForwardConfig
 from pallas_gg import triton_lowering
 from pallas_gg._backend import resolve_backend, use_interpreter
+from pallas_gg.mosaic_lowering import ops as mosaic_lowering
 from pallas_gg._validate import check_routing_values
 from pallas_gg.ops import check_forward_args, resolve_config
 from pallas_gg.tuning import autotuned_config
@@ -43,10 +44,15 @@ class _Static:
     dx_config: DXConfig
     dw_config: DWConfig
     interpret: bool
+    lowering: str = "triton"   # "mosaic": pallas_gg.mosaic_lowering (configs may be None)
+
+
+def _impl(s: _Static):
+    return mosaic_lowering if s.lowering == "mosaic" else triton_lowering
 
 
 def _forward(s: _Static, x, w, m_sizes, gather, topk_weights):
-    return triton_lowering.forward(
+    return _impl(s).forward(
         x, w, m_sizes, gather, topk_weights, topk=s.topk, num_rows=s.num_rows,
         permute_x=s.permute_x, permute_y=s.permute_y, fuse_mul_post=s.fuse_mul_post,
         config=s.forward_config, interpret=s.interpret)
@@ -72,7 +78,7 @@ def _op_bwd(s: _Static, residuals, dy):
     x, w, m_sizes, gather, topk_weights = residuals
 
     def dx_kernel(dy_, out_dtype=None):
-        return triton_lowering.dx(dy_, w, m_sizes, gather, num_rows=s.num_rows,
+        return _impl(s).dx(dy_, w, m_sizes, gather, num_rows=s.num_rows,
                                   permute_x=s.permute_x, permute_y=s.permute_y,
                                   config=s.dx_config, interpret=s.interpret,
                                   out_dtype=out_dtype)
@@ -102,7 +108,7 @@ def _op_bwd(s: _Static, residuals, dy):
         dy_scaled = dy
         dx = dx_kernel(dy)
     dx = _sum_token_copies(dx, s.topk, x.dtype) if s.permute_x else dx.astype(x.dtype)
-    dw = triton_lowering.dw(x, dy_scaled, m_sizes, gather, topk=s.topk, permute_x=s.permute_x,
+    dw = _impl(s).dw(x, dy_scaled, m_sizes, gather, topk=s.topk, permute_x=s.permute_x,
                             permute_y=s.permute_y, config=s.dw_config, interpret=s.interpret,
                             out_dtype=w.dtype)
     return dx, dw, None, None, d_weights
@@ -125,7 +131,7 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
     (``pallas_gg.tune``; on CPU the cached or default config, nothing is timed). An explicit
     config always wins over autotuning.
     """
-    resolve_backend(backend)
+    lowering = resolve_backend(backend, mosaic_ready=True)
     X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
         X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
         permute_y=permute_y, fuse_mul_post=fuse_mul_post)
@@ -136,6 +142,11 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
     fusions = dict(permute_x=permute_x, permute_y=permute_y)
     configs = {"forward": forward_config, "dX": dx_config, "dW": dw_config}
     for op, config in configs.items():
+        if lowering == "mosaic":  # no tuner yet; a given config's tiles, else its own
+            configs[op] = None if config is None else resolve_config(
+                op, config, **fusions, **({"fuse_mul_post": fuse_mul_post}
+                                          if op == "forward" else {}))
+            continue
         if config is None and autotune:
             config = autotuned_config(op, X, W, m_sizes, gather_indices, topk,
                                       topk_weights=topk_weights, fuse_mul_post=fuse_mul_post,
@@ -144,7 +155,7 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
         configs[op] = resolve_config(op, config, **fusions, **mul)
     check_routing_values(dims, m_sizes, gather_indices)
     static = _Static(topk, dims.m, permute_x, permute_y, fuse_mul_post, configs["forward"],
-                     configs["dX"], configs["dW"], interpret)
+                     configs["dX"], configs["dW"], interpret, lowering)
     gather = None if gather_indices is None else gather_indices.astype(jnp.int32)
     return _op(static, X, W, m_sizes, gather, topk_weights if fuse_mul_post else None)
 

@@ -105,13 +105,14 @@ def grouped_gemm_dW(X, dY, m_sizes, gather_indices, topk, *, permute_x=False, pe
     ``permute_y``) follow the gather rules of the forward and dX. An expert without rows gets
     exact zeros. ``config`` is a ``DWConfig`` (block_m is the reduction block).
     """
-    resolve_backend(backend)
+    lowering = _lowering(backend, mosaic_ready=True)
     X, dY, m_sizes, gather_indices = map(as_array, (X, dY, m_sizes, gather_indices))
     info = arg_infos(X=X, dY=dY, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dW(info["X"], info["dY"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
-    config = resolve_config("dW", config, permute_x=permute_x, permute_y=permute_y)
+    if config is not None or lowering is triton_lowering:
+        config = resolve_config("dW", config, permute_x=permute_x, permute_y=permute_y)
     check_routing_values(dims, m_sizes, gather_indices)
-    return triton_lowering.dw(
+    return lowering.dw(
         X, dY, m_sizes, _index_array(gather_indices), topk=topk, permute_x=permute_x,
         permute_y=permute_y, config=config, interpret=use_interpreter(X, dY))

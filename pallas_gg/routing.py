@@ -29,7 +29,7 @@ def route(topk_ids, num_experts: int, *, backend="auto"):
     Out-of-range expert ids are refused when topk_ids is concrete (and value checks are on);
     under jax.jit they are not checked (bincount drops them, so sum(m_sizes) < M).
     """
-    resolve_backend(backend)
+    resolve_backend(backend, mosaic_ready=True)  # plain jnp: the same on every lowering
     topk_ids = as_array(topk_ids)
     checks.check_topk_ids(tuple(topk_ids.shape), jnp.dtype(topk_ids.dtype).name, num_experts)
     if checks.value_checks_enabled() and not is_traced(topk_ids) and topk_ids.size:

@@ -514,17 +514,18 @@ def test_backends(second_gemm):
         lambda b: pallas_gg.grouped_gemm_dX(p.dy, p.w, p.m_sizes, p.gather, 2, backend=b),
         lambda b: pallas_gg.grouped_gemm_dW(p.x, p.dy, p.m_sizes, p.gather, 2, backend=b),
         lambda b: pallas_gg.grouped_gemm(p.x, p.w, p.m_sizes, p.gather, 2, backend=b),
-        lambda b: pallas_gg.route(jnp.zeros((3, 2), jnp.int32), 4, backend=b),
         lambda b: pallas_gg.ragged_dot(p.x, jnp.swapaxes(p.w, 1, 2), p.m_sizes, backend=b),
         lambda b: pallas_gg.tune(p.x, p.w, p.m_sizes, p.gather, 2, backend=b),
     ]
     for call in calls:
-        # forward and dX exist on Mosaic GPU for bf16/fp16 (tests/test_pallas_mosaic.py); these
-        # fp32 inputs, and every other function, are refused with NotImplementedError
+        # the GEMMs exist on Mosaic GPU for bf16/fp16 (tests/test_pallas_mosaic.py); these
+        # fp32 inputs, ragged_dot and tune are refused with NotImplementedError
         with pytest.raises(NotImplementedError, match="planned|bf16 and fp16 only"):
             call("mosaic")
         with pytest.raises(ValueError, match="backend must be one of"):
             call("cuda")
+    for b in ("auto", "triton", "mosaic"):  # routing is plain jnp on every lowering
+        pallas_gg.route(jnp.zeros((3, 2), jnp.int32), 4, backend=b)
     y = pallas_gg.grouped_gemm_forward(p.x, p.w, p.m_sizes, p.gather, 2, backend="triton")
     assert_close(y, p.ref_forward(), "float32", "forward, backend='triton'")
 

@@ -1,7 +1,10 @@
-"""pallas_gg's Mosaic GPU lowering (work in progress: the direct forward and dX) in Mosaic
-GPU's interpreter on CPU: the device-built tile schedule, the grouped GEMM kernel, the shared
-case list through the public functions with backend="mosaic", the race detector on one case,
-and the refusals (fp32, shapes without whole TMA blocks, dW)."""
+"""pallas_gg's Mosaic GPU lowering (work in progress: the direct forward, dX and dW) in
+Mosaic GPU's interpreter on CPU: the device-built tile schedule, the grouped GEMM and dW
+kernels, the shared case list through the public functions with backend="mosaic", the
+differentiable op on it against the Triton lowering, the race detector on one case, and the
+refusals (fp32, shapes without whole TMA blocks, ragged_dot)."""
+
+import functools
 
 import numpy as np
 import pytest
@@ -12,7 +15,9 @@ import jax.numpy as jnp  # noqa: E402
 import pallas_gg  # noqa: E402
 from gg_spec import DXConfig, ForwardConfig, reference, rel_error, tolerance  # noqa: E402
 from gg_spec.cases import cpu_cases, make_inputs  # noqa: E402
-from pallas_gg.mosaic_lowering import MosaicConfig, grouped_matmul, tile_schedule  # noqa: E402
+from gg_spec import DWConfig  # noqa: E402
+from pallas_gg.mosaic_lowering import (MosaicConfig, grouped_dw, grouped_matmul,  # noqa: E402
+                                       tile_schedule)
 from pallas_gg.mosaic_lowering.schedule import num_tiles  # noqa: E402
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
@@ -73,6 +78,7 @@ def _mosaic_cases():
 
 FWD = ForwardConfig(block_m=64, block_n=16, block_k=16, num_warps=4, num_stages=2)
 DX = DXConfig(block_m=64, block_n=16, block_k=16, num_warps=4, num_stages=2)
+DW = DWConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
 
 
 @pytest.mark.parametrize("case", _mosaic_cases(), ids=lambda c: c.id)
@@ -98,6 +104,34 @@ def test_shared_cases_forward_and_dx(case):
     ref = reference.dX(inp["dy"], inp["w"], inp["m_sizes"], inp["gather_indices"], topk,
                        permute_x=f.permute_x, permute_y=f.permute_y)
     assert rel_error(np.asarray(dx, np.float32), ref) < tolerance(case.dtype)
+    dw = pallas_gg.grouped_gemm_dW(j["x"], j["dy"], m_sizes, gather, topk,
+                                   permute_x=f.permute_x, permute_y=f.permute_y, config=DW,
+                                   backend="mosaic")
+    ref = reference.dW(inp["x"], inp["dy"], inp["m_sizes"], inp["gather_indices"], topk,
+                       permute_x=f.permute_x, permute_y=f.permute_y)
+    assert rel_error(np.asarray(dw, np.float32), ref) < tolerance(case.dtype)
+    for e in np.flatnonzero(inp["m_sizes"] == 0):
+        assert np.all(np.asarray(dw[e]) == 0), f"expert {e} has no rows: dW must be 0"
+
+
+@pytest.mark.parametrize("m_sizes,n,k", [([20, 0, 37, 7], 64, 32), ([16, 16], 32, 32),
+                                         ([0, 5], 32, 64), ([0, 0], 32, 32)])
+def test_grouped_dw_ragged_reduction(m_sizes, n, k):
+    """Experts whose rows start and end inside a reduction slice (neighbours' rows masked),
+    experts without rows (exact zeros), a slice past the last row."""
+    rng = np.random.default_rng(sum(m_sizes) + k)
+    m = sum(m_sizes)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    sizes = np.asarray(m_sizes, np.int32)
+    cfg = MosaicConfig(block_m=32, block_n=32, block_k=16, max_concurrent_steps=2, num_sms=4)
+    dw = np.asarray(grouped_dw(x, dy, jnp.asarray(sizes), config=cfg, interpret=True),
+                    np.float32)
+    ref = reference.dW(np.asarray(x, np.float32), np.asarray(dy, np.float32), sizes,
+                       np.arange(m, dtype=np.int32), 1)
+    assert rel_error(dw, ref) < tolerance("bfloat16")
+    for e in np.flatnonzero(sizes == 0):
+        assert np.all(dw[e] == 0)
 
 
 def test_default_config_and_triton_agreement():
@@ -112,16 +146,24 @@ def test_default_config_and_triton_agreement():
     assert rel_error(np.asarray(y_m, np.float32), np.asarray(y_t, np.float32)) < 1e-2
 
 
-def test_race_detector_finds_no_race():
-    """One case under the interpreter's race detector (shared-memory pipeline, TMA copies)."""
+@pytest.mark.parametrize("kernel", ["matmul", "dw"])
+def test_race_detector_finds_no_race(kernel):
+    """One case of each kernel under the interpreter's race detector (shared-memory
+    pipeline, TMA copies; for dW also the in-place masking of boundary slices)."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     rng = np.random.default_rng(4)
     m_sizes = jnp.asarray([40, 0, 60], jnp.int32)
     x = jnp.asarray(rng.standard_normal((100, 64)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((3, 32, 64)), jnp.bfloat16)
-    y = grouped_matmul(x, w, m_sizes, transpose_rhs=True, config=SMALL,
-                       interpret=plgpu.InterpretGPUParams(detect_races=True))
-    jax.block_until_ready(y)
+    races = plgpu.InterpretGPUParams(detect_races=True)
+    if kernel == "matmul":
+        w = jnp.asarray(rng.standard_normal((3, 32, 64)), jnp.bfloat16)
+        out = grouped_matmul(x, w, m_sizes, transpose_rhs=True, config=SMALL, interpret=races)
+    else:
+        dy = jnp.asarray(rng.standard_normal((100, 32)), jnp.bfloat16)
+        cfg = MosaicConfig(block_m=32, block_n=32, block_k=16, max_concurrent_steps=2,
+                           num_sms=4)
+        out = grouped_dw(x, dy, m_sizes, config=cfg, interpret=races)
+    jax.block_until_ready(out)
     assert not interpret_pallas_call.get_races().races_found
 
 
@@ -135,8 +177,35 @@ def test_refusals():
     with pytest.raises(ValueError, match="whole TMA blocks"):
         pallas_gg.grouped_gemm_forward(x, jnp.ones((2, 40, 64), jnp.bfloat16), sizes, None, 1,
                                        backend="mosaic")
-    with pytest.raises(NotImplementedError, match="dW is not written yet|planned"):
-        pallas_gg.grouped_gemm_dW(x, jnp.ones((8, 32), jnp.bfloat16), sizes, None, 1,
+    with pytest.raises(ValueError, match="whole TMA output tiles"):
+        pallas_gg.grouped_gemm_dW(x, jnp.ones((8, 40), jnp.bfloat16), sizes, None, 1,
                                   backend="mosaic")
     with pytest.raises(NotImplementedError, match="planned"):
-        pallas_gg.grouped_gemm(x, w32.astype(jnp.bfloat16), sizes, None, 1, backend="mosaic")
+        pallas_gg.ragged_dot(x, jnp.ones((2, 64, 32), jnp.bfloat16), sizes, backend="mosaic")
+
+
+@pytest.mark.parametrize("fusion", ["permute_x", "permute_y+mul"])
+def test_differentiable_op_on_mosaic_matches_triton(fusion):
+    """grouped_gemm(backend="mosaic") under jit and grad: value and gradients of X, W and
+    the routing weights agree with the Triton lowering on the same bf16 inputs."""
+    rng = np.random.default_rng(7)
+    t, k_, e, n, kk = 12, 2, 4, 32, 48
+    ids = np.argsort(-rng.standard_normal((t, e)), axis=1)[:, :k_]
+    m_sizes, gather = pallas_gg.route(jnp.asarray(ids, jnp.int32), e)
+    permute_x = fusion == "permute_x"
+    x = jnp.asarray(rng.standard_normal((t if permute_x else t * k_, kk)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((e, n, kk)) / 7, jnp.bfloat16)
+    weights = jnp.asarray(rng.random(t * k_), jnp.bfloat16)
+    flags = dict(permute_x=permute_x, permute_y=not permute_x, fuse_mul_post=not permute_x)
+
+    def loss(backend, cfgs, x, w, weights):
+        y = pallas_gg.grouped_gemm(x, w, m_sizes, gather, k_, topk_weights=weights,
+                                   backend=backend, **flags, **cfgs)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+    mosaic_cfgs = dict(forward_config=FWD, dx_config=DX, dw_config=DW)
+    grads = {b: jax.jit(jax.value_and_grad(functools.partial(loss, b, c), argnums=(0, 1, 2)))(
+        x, w, weights) for b, c in (("mosaic", mosaic_cfgs), ("triton", {}))}
+    (v_m, g_m), (v_t, g_t) = grads["mosaic"], grads["triton"]
+    assert abs(float(v_m) - float(v_t)) <= 2e-2 * abs(float(v_t))
+    for a, b in zip(g_m, g_t):
+        assert rel_error(np.asarray(a, np.float32), np.asarray(b, np.float32)) < 2e-2

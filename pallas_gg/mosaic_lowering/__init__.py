@@ -1,13 +1,16 @@
 """pallas_gg on Pallas' Mosaic GPU lowering (Hopper: TMA, wgmma), work in progress.
 
 What exists: ``grouped_matmul``, a persistent grouped GEMM over a tile schedule built on the
-device once per routing (``schedule.tile_schedule``), which runs the plain forward
-(Y = X @ W[e].T) and the plain dX (dX = dY @ W[e]). The fusions, dW and the benchmark
-against the Triton lowering are not written yet; ``backend="mosaic"`` routes only what
-exists and raises NotImplementedError for the rest.
+device once per routing (``schedule.tile_schedule``), which runs the forward
+(Y = X @ W[e].T) and dX (dX = dY @ W[e]); ``grouped_dw``, dW ragged along the reduction
+(``dw.py``); the contract's fusions as gather/scatter passes around them (``ops``). Not yet:
+the differentiable op on this lowering, fused row gathers, two-warpgroup tiles, tuning.
+``backend="mosaic"`` routes the direct functions here and raises NotImplementedError for
+the rest.
 """
 
+from pallas_gg.mosaic_lowering.dw import grouped_dw
 from pallas_gg.mosaic_lowering.matmul import MosaicConfig, grouped_matmul
 from pallas_gg.mosaic_lowering.schedule import tile_schedule
 
-__all__ = ["MosaicConfig", "grouped_matmul", "tile_schedule"]
+__all__ = ["MosaicConfig", "grouped_dw", "grouped_matmul", "tile_schedule"]

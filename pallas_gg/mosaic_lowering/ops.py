@@ -1,4 +1,4 @@
-"""The contract's forward and dX on the Mosaic GPU kernel, fusions as separate passes.
+"""The contract's forward, dX and dW on the Mosaic GPU kernels, fusions as separate passes.
 
 On Hopper TMA cannot gather rows (that arrives with Blackwell), so this first version applies
 the fusions around the TMA-fed grouped GEMM: permute_x gathers X into expert order first
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_gg.mosaic_lowering.dw import grouped_dw
 from pallas_gg.mosaic_lowering.matmul import MosaicConfig, grouped_matmul
 
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -66,6 +67,15 @@ def dx(dy, w, m_sizes, gather_indices, *, num_rows, permute_x, permute_y, config
     return dx_.astype(out_dtype or dx_.dtype)
 
 
-def dw(*args, **kwargs):
-    raise NotImplementedError("backend='mosaic': dW is not written yet (planned: a kernel "
-                              "ragged along the reduction); use backend='triton'")
+def dw(x, dy, m_sizes, gather_indices, *, topk, permute_x, permute_y, config, interpret,
+       out_dtype=None):
+    check_supported(x, dy)
+    # dW's output tile is (N, K) = (config.block_n, config.block_k); block_m is the reduction
+    cfg = (MosaicConfig(block_m=128, block_n=128, block_k=64) if config is None else
+           MosaicConfig(config.block_n, config.block_k, config.block_m, config.num_stages))
+    if permute_x:
+        x = x[gather_indices // topk]
+    if permute_y:
+        dy = dy[gather_indices]
+    out = grouped_dw(x, dy, m_sizes, config=cfg, interpret=interpret)
+    return out.astype(out_dtype or out.dtype)

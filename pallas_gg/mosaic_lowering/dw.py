@@ -1,0 +1,134 @@
+"""dW on Mosaic GPU: dW[e] [N, K] = dY_e^T X_e, ragged along the reduction (the rows).
+
+A persistent kernel over (expert, output tile) pairs. Each visit streams the expert's rows in
+BLOCK_R-row slices of dY and X (TMA, ``emit_pipeline``) into a wgmma accumulator; the slices
+are aligned to multiples of BLOCK_R from the start of the arrays, so the first and the last
+slice of an expert can hold rows of its neighbours: those rows of the dY slice are zeroed in
+shared memory before the MMA (the technique of JAX's transposed ragged-dot example). An
+expert without rows runs no step and stores its zero accumulator: exact zeros. The per-expert
+row ranges come from m_sizes on the device (no host sync).
+
+X [M, K] and dY [M, N] in expert order (the fusions gather them first, see ``ops``); bf16 /
+fp16; N % BLOCK_M == 0 and K % BLOCK_N == 0 (whole TMA tiles of the output).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_gg.mosaic_lowering.matmul import MosaicConfig
+
+
+def _transforms(minor: int, dtype):
+    """Tiling and swizzle of a shared-memory tile whose minor dimension has `minor`
+    elements (wgmma reads it transposed, which needs the swizzled layout)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _expert_slices(m_sizes, block_r: int):
+    """Per expert: first row, end row, first aligned slice row, number of slices."""
+    sizes = m_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    slice_start = starts // block_r * block_r
+    slice_end = -(-ends // block_r) * block_r
+    num_slices = jnp.where(sizes > 0, (slice_end - slice_start) // block_r, 0)
+    return starts, ends, slice_start, num_slices
+
+
+def grouped_dw(x: jax.Array, dy: jax.Array, m_sizes: jax.Array, *,
+               config: MosaicConfig = MosaicConfig(block_m=128, block_n=128, block_k=64),
+               interpret=False) -> jax.Array:
+    """dW [E, N, K] in x's dtype. config: block_m x block_n is the output tile (over N and
+    K), block_k the reduction slice (rows)."""
+    m, k = x.shape
+    n = dy.shape[1]
+    num_experts = m_sizes.shape[0]
+    bm, bn, br = config.block_m, config.block_n, config.block_k
+    if x.dtype != dy.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"the Mosaic GPU kernels take bf16 or fp16 operands of one dtype; "
+                         f"got X {x.dtype}, dY {dy.dtype}")
+    if n % bm or k % bn:
+        raise ValueError(f"the Mosaic GPU dW needs whole TMA output tiles: N={n} must be a "
+                         f"multiple of {bm} and K={k} of {bn} (X {x.shape}, dY {dy.shape})")
+    if m == 0:
+        return jnp.zeros((num_experts, n, k), x.dtype)
+    starts, ends, slice_start, num_slices = _expert_slices(m_sizes, br)
+    grid_n, grid_k = n // bm, k // bn
+    dy_tf, x_tf = _transforms(bm, dy.dtype), _transforms(bn, x.dtype)
+
+    def body(starts_g, ends_g, slice_start_g, num_slices_g, x_gmem, dy_gmem, out_gmem):
+        @plgpu.nd_loop((num_experts, grid_n * grid_k), collective_axes="sm")
+        def _visit(info: plgpu.NDLoopInfo):
+            e = info.index[0]
+            ni = info.index[1] // grid_k
+            ki = info.index[1] % grid_k
+            steps = num_slices_g[e]
+            first = pl.multiple_of(slice_start_g[e], br)
+            rows = pl.ds(first, m)  # may extend past M: the pipeline reads `steps` slices only
+
+            def acc_scope(acc_ref):
+                def step(idx, dy_smem, x_smem):
+                    s = idx[0]
+                    row = (plgpu.layout_cast(
+                        lax.broadcasted_iota(jnp.int32, (br, bm), 0), plgpu.Layout.WGMMA)
+                        + first + s * br)
+
+                    @pl.when((s == 0) | (s == steps - 1))
+                    def _():  # zero the neighbours' rows of a boundary slice
+                        keep = (row >= starts_g[e]) & (row < ends_g[e])
+                        dy_smem[...] = dy_smem[...] * keep.astype(dy_smem.dtype)
+                        plgpu.commit_smem()
+
+                    plgpu.wgmma(acc_ref, dy_smem.transpose((1, 0)), x_smem)
+
+                @pl.when(steps > 0)
+                def _():
+                    plgpu.emit_pipeline(
+                        step,
+                        grid=(steps,),
+                        in_specs=[
+                            plgpu.BlockSpec((br, bm), lambda s: (s, ni), delay_release=1,
+                                            transforms=dy_tf),
+                            plgpu.BlockSpec((br, bn), lambda s: (s, ki), delay_release=1,
+                                            transforms=x_tf),
+                        ],
+                        max_concurrent_steps=max(2, config.max_concurrent_steps),
+                    )(dy_gmem.at[rows, :], x_gmem.at[rows, :])
+                return acc_ref[...]
+
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
+
+            @functools.partial(pl.run_scoped,
+                               o_smem=plgpu.SMEM((bm, bn), dtype=out_gmem.dtype,
+                                                 transforms=x_tf))
+            def _store(o_smem):
+                o_smem[...] = acc.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    o_smem, out_gmem.at[e, pl.ds(ni * bm, bm), pl.ds(ki * bn, bn)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_experts, n, k), x.dtype),
+        grid=(config.num_sms,),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    args = (starts, ends, slice_start, num_slices, x, dy)
+    if interpret:
+        params = (interpret if isinstance(interpret, plgpu.InterpretGPUParams)
+                  else plgpu.InterpretGPUParams())
+        with plgpu.force_gpu_interpret_mode(params):
+            return kernel(*args)
+    return kernel(*args)
