@@ -7,7 +7,8 @@
 The same computation as ``triton_gg.moe_experts`` (Hugging Face weight layout, the same
 optional biases, the same rule for foreign expert ids), jit- and grad-compatible: routing runs
 on the device; outside jit the routing built here is trusted (no host reads of its values).
-Slots whose expert id lies outside [0, E) contribute nothing.
+Slots whose expert id lies outside [0, E) contribute nothing; they are dropped before the
+kernels (routed past sum(m_sizes)), so an expert-parallel rank computes only its own rows.
 """
 
 from __future__ import annotations
@@ -64,16 +65,19 @@ def moe_experts(params: dict, hidden: jax.Array, top_k_index: jax.Array,
     b1, b2 = params.get("gate_up_proj_bias"), params.get("down_proj_bias")
     tokens, topk = top_k_index.shape
     num_experts = gate_up.shape[0]
-    # foreign ids (expert-parallel sentinels) -> expert 0 with weight 0
+    # foreign ids (expert-parallel sentinels): weight 0 and id E, so routing leaves them out
+    # of m_sizes and sorts them last; no kernel computes their rows (the kernels write
+    # zeros past sum(m_sizes), and the scattered outputs of those rows stay zero)
     valid = (top_k_index >= 0) & (top_k_index < num_experts)
-    index = jnp.where(valid, top_k_index, 0).astype(jnp.int32)
+    index = jnp.where(valid, top_k_index, num_experts).astype(jnp.int32)
     weights = jnp.where(valid, top_k_weights, 0).astype(gate_up.dtype)
     with routing_trusted():
         m_sizes, gather = route(index, num_experts, backend=backend)
         h = grouped_gemm(hidden.astype(gate_up.dtype), gate_up, m_sizes, gather, topk,
                          permute_x=True, autotune=autotune, backend=backend)   # [M, 2I]
         if b1 is not None:  # expert of each expert-order position: the sorted ids
-            h = h + b1.astype(h.dtype)[index.reshape(-1)[gather]]
+            experts = jnp.minimum(index.reshape(-1)[gather], num_experts - 1)
+            h = h + b1.astype(h.dtype)[experts]   # dropped rows: not read by the 2nd GEMM
         gate, up = jnp.split(h, 2, axis=-1)
         a = (act(gate) * up).astype(down.dtype)                                # [M, I]
         y = grouped_gemm(a, down, m_sizes, gather, topk, permute_y=True,
@@ -81,7 +85,8 @@ def moe_experts(params: dict, hidden: jax.Array, top_k_index: jax.Array,
                          autotune=autotune, backend=backend)                  # [T*k, H]
     out = y.reshape(tokens, topk, down.shape[1]).sum(axis=1)
     if b2 is not None:  # sum_j w_j * b2[e_j]: the bias rides the routing weight too
-        out = out + jnp.einsum("tk,tkh->th", weights, b2.astype(weights.dtype)[index])
+        b2_rows = b2.astype(weights.dtype)[jnp.minimum(index, num_experts - 1)]  # weight 0
+        out = out + jnp.einsum("tk,tkh->th", weights, b2_rows)
     return out.astype(hidden.dtype)
 
 
