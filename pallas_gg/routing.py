@@ -15,6 +15,8 @@ from pallas_gg._validate import as_array, is_traced, read_scalars
 @functools.partial(jax.jit, static_argnames=("num_experts",))
 def _route(topk_ids, num_experts: int):
     flat = topk_ids.reshape(-1).astype(jnp.int32)
+    # ids outside [0, E) (unchecked under jit) count for no expert and sort last
+    flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     m_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     # gather_indices[p] is the routed row at expert-order position p: a stable argsort keeps
     # each expert's rows in routed-row (token) order.
@@ -27,7 +29,8 @@ def route(topk_ids, num_experts: int, *, backend="auto"):
     device of topk_ids; jit-compatible (num_experts is static).
 
     Out-of-range expert ids are refused when topk_ids is concrete (and value checks are on);
-    under jax.jit they are not checked (bincount drops them, so sum(m_sizes) < M).
+    under jax.jit they are not checked: they count for no expert (sum(m_sizes) < M) and
+    their rows sort after every expert's.
     """
     resolve_backend(backend, mosaic_ready=True)  # plain jnp: the same on every lowering
     topk_ids = as_array(topk_ids)

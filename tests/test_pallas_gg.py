@@ -524,8 +524,11 @@ def test_backends(second_gemm):
             call("mosaic")
         with pytest.raises(ValueError, match="backend must be one of"):
             call("cuda")
-    for b in ("auto", "triton", "mosaic"):  # routing is plain jnp on every lowering
-        pallas_gg.route(jnp.zeros((3, 2), jnp.int32), 4, backend=b)
+    ids = jnp.asarray([[1, 3], [0, 1], [3, 2]], jnp.int32)
+    routed = [pallas_gg.route(ids, 4, backend=b) for b in ("auto", "triton", "mosaic")]
+    for m_sizes, gather in routed:  # routing is plain jnp: the same on every lowering
+        np.testing.assert_array_equal(m_sizes, [1, 2, 1, 2])
+        np.testing.assert_array_equal(gather, routed[0][1])
     y = pallas_gg.grouped_gemm_forward(p.x, p.w, p.m_sizes, p.gather, 2, backend="triton")
     assert_close(y, p.ref_forward(), "float32", "forward, backend='triton'")
 

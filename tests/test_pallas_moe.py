@@ -156,3 +156,11 @@ def test_gpu_jax_block_agrees_with_torch_block_bf16():
         err = gg_spec.rel_error(np.asarray(jnp.asarray(b, jnp.float32)),
                                 a.detach().float().cpu().numpy())
         assert err < gg_spec.tolerance("bfloat16"), err
+
+
+def test_route_under_jit_sorts_foreign_ids_last():
+    ids = jnp.asarray([[-1, 0], [2, 1], [3, 9]], jnp.int32)
+    m_sizes, gather = jax.jit(lambda i: pallas_gg.route(i, 3))(ids)
+    np.testing.assert_array_equal(m_sizes, [1, 1, 1])
+    np.testing.assert_array_equal(gather[:3], [1, 3, 2])
+    assert sorted(np.asarray(gather[3:]).tolist()) == [0, 4, 5]

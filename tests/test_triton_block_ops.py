@@ -167,6 +167,7 @@ def test_block_compiles_fullgraph():
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(6, 16, generator=gen, requires_grad=True)
     idx = torch.randint(0, 4, (6, 2), generator=gen)
+    idx[1, 0], idx[4, 1] = 4, -1   # foreign slots: dropped on the traced path too
     weights = torch.rand(6, 2, generator=gen, requires_grad=True)
     eager = layer(hidden, idx, weights)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(hidden, idx, weights)
@@ -285,8 +286,15 @@ def test_foreign_slots_are_dropped_on_the_fused_path(monkeypatch):
         y_, y_unweighted = real_forward(*args)
         y_[valid:] = float("nan")
         return y_, y_unweighted
+    real_dx = _ops.dx_impl
+
+    def poisoned_dx(*args):  # both dX kernels of the backward leave rows past `valid`
+        dx = real_dx(*args)
+        dx[valid:] = float("nan")
+        return dx
     monkeypatch.setattr(_block_ops, "swiglu_gemm_impl", poisoned_swiglu)
     monkeypatch.setattr(_ops, "forward_impl", poisoned_forward)
+    monkeypatch.setattr(_ops, "dx_impl", poisoned_dx)
     ours = triton_gg.moe_experts(hidden, gate_up, down, idx, weights)
     assert seen == [valid]
     ref = eager(hidden, gate_up, down, idx, weights)

@@ -134,3 +134,11 @@ def test_gpu_block_bf16_matches_float64_loop():
                           (ours, *grads), (ref, *ref_grads)):
         err = gg_spec.rel_error(a.detach().double().cpu(), b.detach().cpu())
         assert err < tol, f"{name}: rel error {err:.2e}"
+
+
+def test_route_sorts_foreign_ids_last():
+    """Ids outside [0, E) count for no expert and come after every expert's rows, whatever
+    their sign (the MoE blocks drop other ranks' slots this way)."""
+    m_sizes, gather = triton_gg.route(torch.tensor([[-1, 0], [2, 1], [3, 9]]), 3)
+    assert m_sizes.tolist() == [1, 1, 1]
+    assert gather[:3].tolist() == [1, 3, 2] and sorted(gather[3:].tolist()) == [0, 4, 5]

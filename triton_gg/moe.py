@@ -13,8 +13,9 @@ Slots whose expert id lies outside [0, E) contribute nothing (the convention of 
 expert parallelism, whose dispatcher marks tokens of other ranks' experts with such ids): their
 routing weight is replaced by zero. On the fused SiLU-gate path they are dropped (routed past
 sum(m_sizes): no GEMM computes them, the combine passes skip them), so an expert-parallel
-rank pays only for its own experts' rows; on the unfused path (a model's own gate, a bias on
-the first GEMM) they still run on expert 0 and are discarded. No host check either way.
+rank's GEMMs run only its own experts' rows (the elementwise passes, the SwiGLU backward and
+dW's gathered copy of X, still cover all T*k rows); on the unfused path (a model's own gate,
+a bias on the first GEMM) they still run on expert 0 and are discarded. No host check.
 """
 
 from __future__ import annotations
@@ -88,9 +89,14 @@ def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune):
     if autotune:
         dx_cfg, dw_cfg = api._backward_configs(None, None, dims, x, w1, m_sizes, gather, topk,
                                                True, False)
-        if x.is_cuda:  # dW runs on a gathered copy of X there (_ops.dw_with_gather)
+        # dX runs in expert order (summed per token by the combine pass), and on a GPU dW
+        # on a gathered copy of X (_ops.dw_with_gather): their unfused keys fit better
+        plain = dict(permute_x=False, permute_y=False)
+        dx_cfg = autotune_cache.cached(autotune_cache.key_for(
+            "dX", dims, x.dtype, x.device, **plain)) or dx_cfg
+        if x.is_cuda:
             dw_cfg = autotune_cache.cached(autotune_cache.key_for(
-                "dW", dims, x.dtype, x.device, permute_x=False, permute_y=False)) or dw_cfg
+                "dW", dims, x.dtype, x.device, **plain)) or dw_cfg
     return [_ops.encode(c) for c in (default_config("forward"),
                                      dx_cfg or default_config("dX"),
                                      dw_cfg or default_config("dW"))]

@@ -12,14 +12,17 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
     topk_ids.ravel(): the routed row at each expert-order position), on topk_ids' device.
 
     Out-of-range expert ids are not checked here (that would need a host sync): ids outside
-    [0, num_experts) are dropped from m_sizes, so sum(m_sizes) != M and the GEMMs' value
-    check refuses them."""
+    [0, num_experts) count for no expert and their rows sort after every expert's, so
+    sum(m_sizes) < M (the GEMMs' value check refuses that; the MoE blocks use it to drop
+    other ranks' slots)."""
     checks.check_topk_ids(tuple(topk_ids.shape), str(topk_ids.dtype).replace("torch.", ""),
                           num_experts)
     flat = topk_ids.reshape(-1).to(torch.int64)
-    m_sizes = torch.zeros(num_experts, dtype=torch.int32, device=topk_ids.device)
     valid = (flat >= 0) & (flat < num_experts)
-    m_sizes.scatter_add_(0, flat.clamp(0, num_experts - 1),
-                         valid.to(torch.int32))
+    # ids outside [0, E) count for no expert and sort after every expert's rows
+    flat = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    m_sizes = torch.zeros(num_experts + 1, dtype=torch.int32, device=topk_ids.device)
+    m_sizes.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    m_sizes = m_sizes[:num_experts]
     gather_indices = torch.sort(flat, stable=True).indices.to(torch.int32)
     return m_sizes, gather_indices

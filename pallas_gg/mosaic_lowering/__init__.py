@@ -3,10 +3,10 @@
 What exists: ``grouped_matmul``, a persistent grouped GEMM over a tile schedule built on the
 device once per routing (``schedule.tile_schedule``), which runs the forward
 (Y = X @ W[e].T) and dX (dX = dY @ W[e]); ``grouped_dw``, dW ragged along the reduction
-(``dw.py``); the contract's fusions as gather/scatter passes around them (``ops``). Not yet:
-the differentiable op on this lowering, fused row gathers, two-warpgroup tiles, tuning.
-``backend="mosaic"`` routes the direct functions here and raises NotImplementedError for
-the rest.
+(``dw.py``); the contract's fusions as gather/scatter passes around them (``ops``), which
+``pallas_gg.grouped_gemm(..., backend="mosaic")`` differentiates. Not yet: fused row
+gathers, two-warpgroup tiles, tuning, ragged_dot / tune on this lowering (they raise
+NotImplementedError).
 """
 
 from pallas_gg.mosaic_lowering.dw import grouped_dw

@@ -3,8 +3,9 @@
 A persistent kernel over (expert, output tile) pairs. Each visit streams the expert's rows in
 BLOCK_R-row slices of dY and X (TMA, ``emit_pipeline``) into a wgmma accumulator; the slices
 are aligned to multiples of BLOCK_R from the start of the arrays, so the first and the last
-slice of an expert can hold rows of its neighbours: those rows of the dY slice are zeroed in
-shared memory before the MMA (the technique of JAX's transposed ragged-dot example). An
+slice of an expert can hold rows of its neighbours: those rows of both slices are replaced
+by zeros in shared memory before the MMA (a select, so a neighbour's NaN or Inf stays out;
+the masking idea of JAX's transposed ragged-dot example). An
 expert without rows runs no step and stores its zero accumulator: exact zeros. The per-expert
 row ranges come from m_sizes on the device (no host sync).
 
@@ -76,16 +77,24 @@ def grouped_dw(x: jax.Array, dy: jax.Array, m_sizes: jax.Array, *,
             rows = pl.ds(first, m)  # may extend past M: the pipeline reads `steps` slices only
 
             def acc_scope(acc_ref):
-                def step(idx, dy_smem, x_smem):
-                    s = idx[0]
-                    row = (plgpu.layout_cast(
-                        lax.broadcasted_iota(jnp.int32, (br, bm), 0), plgpu.Layout.WGMMA)
+                def rows_of(ref, s):
+                    return (plgpu.layout_cast(
+                        lax.broadcasted_iota(jnp.int32, ref.shape, 0), plgpu.Layout.WGMMA)
                         + first + s * br)
 
+                def keep_own_rows(ref, s):
+                    # a select, not a multiply: a neighbour's NaN or Inf must not leak in
+                    row = rows_of(ref, s)
+                    own = (row >= starts_g[e]) & (row < ends_g[e])
+                    ref[...] = jnp.where(own, ref[...], jnp.zeros((), ref.dtype))
+
+                def step(idx, dy_smem, x_smem):
+                    s = idx[0]
+
                     @pl.when((s == 0) | (s == steps - 1))
-                    def _():  # zero the neighbours' rows of a boundary slice
-                        keep = (row >= starts_g[e]) & (row < ends_g[e])
-                        dy_smem[...] = dy_smem[...] * keep.astype(dy_smem.dtype)
+                    def _():  # zero the neighbours' rows of a boundary slice, both operands
+                        keep_own_rows(dy_smem, s)
+                        keep_own_rows(x_smem, s)
                         plgpu.commit_smem()
 
                     plgpu.wgmma(acc_ref, dy_smem.transpose((1, 0)), x_smem)

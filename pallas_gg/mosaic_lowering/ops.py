@@ -29,6 +29,12 @@ def check_supported(*arrays) -> None:
                 f"use backend='triton' for {a.dtype}")
 
 
+def _default_out_tile(columns: int) -> int:
+    """128 output columns per tile where they divide, else 64: the same shapes as the
+    forward's default (whose contraction tile is 64) then run dX and dW too."""
+    return 128 if columns % 128 == 0 else 64
+
+
 def _zero_rows_past(y, m_sizes):
     """Rows past sum(m_sizes) are not written by the kernel; the contract makes them zero."""
     valid = jnp.arange(y.shape[0]) < jnp.sum(m_sizes)
@@ -56,7 +62,8 @@ def dx(dy, w, m_sizes, gather_indices, *, num_rows, permute_x, permute_y, config
        out_dtype=None):
     check_supported(dy, w)
     # dX's output columns are K (the config's block_k), its reduction runs over N (block_n)
-    cfg = (MosaicConfig() if config is None else
+    k = w.shape[2]
+    cfg = (MosaicConfig(block_n=_default_out_tile(k)) if config is None else
            MosaicConfig(config.block_m, config.block_k, config.block_n, config.num_stages))
     if permute_y:
         dy = dy[gather_indices]
@@ -71,7 +78,9 @@ def dw(x, dy, m_sizes, gather_indices, *, topk, permute_x, permute_y, config, in
        out_dtype=None):
     check_supported(x, dy)
     # dW's output tile is (N, K) = (config.block_n, config.block_k); block_m is the reduction
-    cfg = (MosaicConfig(block_m=128, block_n=128, block_k=64) if config is None else
+    n, k = dy.shape[1], x.shape[1]
+    cfg = (MosaicConfig(block_m=_default_out_tile(n), block_n=_default_out_tile(k),
+                        block_k=64) if config is None else
            MosaicConfig(config.block_n, config.block_k, config.block_m, config.num_stages))
     if permute_x:
         x = x[gather_indices // topk]
