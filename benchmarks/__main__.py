@@ -18,6 +18,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 ALL_IMPLS = ["dense", "torch_grouped_mm", "triton_gg", "dense_xla", "lax_ragged_dot",
              "tokamax", "pallas_gg"]
+# also accepted by --impls (not in the default set): pallas_gg_mosaic, the Mosaic GPU
+# lowering in progress
 
 
 def _args(argv):
@@ -83,7 +85,8 @@ def run(args) -> list[dict]:
                 print(f"   {impl:22s} {op:4s} {rows[-1]['ms']:8.3f} ms "
                       f"{rows[-1]['tflops']:7.1f} TFLOP/s", flush=True)
             del benches
-            jax_wanted = impls & {"dense_xla", "lax_ragged_dot", "tokamax", "pallas_gg"}
+            jax_wanted = impls & {"dense_xla", "lax_ragged_dot", "tokamax", "pallas_gg",
+                                  "pallas_gg_mosaic"}
             if jax_wanted:
                 try:
                     jbenches = list(jax_impls.all_jax(inp, prob.shape.is_first_gemm, impls))

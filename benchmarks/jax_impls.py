@@ -95,6 +95,23 @@ def pallas_gg_impls(j: JaxInputs, first_gemm: bool) -> Iterator[JaxBench]:
         dx_config=plain["dX"], dw_config=plain["dW"]), (j.x, j.w), j.dy)
 
 
+def pallas_gg_mosaic_impls(j: JaxInputs) -> Iterator[JaxBench]:
+    """pallas_gg on its Mosaic GPU lowering (work in progress), default tiles, no tuner:
+    forward, dX, dW and the differentiable op's backward, all unfused."""
+    import jax
+    import pallas_gg
+
+    topk, mosaic = j.topk, dict(backend="mosaic")
+    yield "pallas_gg_mosaic", "fwd", jax.jit(lambda x, w, ms, g: pallas_gg.grouped_gemm_forward(
+        x, w, ms, g, topk, **mosaic)), (j.x, j.w, j.m_sizes, j.gather)
+    yield "pallas_gg_mosaic", "dX", jax.jit(lambda dy, w, ms, g: pallas_gg.grouped_gemm_dX(
+        dy, w, ms, g, topk, **mosaic)), (j.dy, j.w, j.m_sizes, j.gather)
+    yield "pallas_gg_mosaic", "dW", jax.jit(lambda x, dy, ms, g: pallas_gg.grouped_gemm_dW(
+        x, dy, ms, g, topk, **mosaic)), (j.x, j.dy, j.m_sizes, j.gather)
+    yield "pallas_gg_mosaic", "bwd", *backward_only(lambda a, b: pallas_gg.grouped_gemm(
+        a, b, j.m_sizes, j.gather, topk, **mosaic), (j.x, j.w), j.dy)
+
+
 def all_jax(inp: TorchInputs, first_gemm: bool, impls: set[str]) -> Iterator[JaxBench]:
     j = JaxInputs(inp)
     if "dense_xla" in impls:
@@ -105,3 +122,5 @@ def all_jax(inp: TorchInputs, first_gemm: bool, impls: set[str]) -> Iterator[Jax
         yield from tokamax(j)
     if "pallas_gg" in impls:
         yield from pallas_gg_impls(j, first_gemm)
+    if "pallas_gg_mosaic" in impls:
+        yield from pallas_gg_mosaic_impls(j)
