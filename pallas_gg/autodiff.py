@@ -27,7 +27,7 @@ from pallas_gg import triton_lowering
 from pallas_gg._backend import resolve_backend, use_interpreter
 from pallas_gg.mosaic_lowering import ops as mosaic_lowering
 from pallas_gg._validate import check_routing_values
-from pallas_gg.ops import check_forward_args, resolve_config
+from pallas_gg.ops import check_forward_args, config_for
 from pallas_gg.tuning import autotuned_config
 
 
@@ -141,18 +141,14 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
     interpret = use_interpreter(X, W)
     fusions = dict(permute_x=permute_x, permute_y=permute_y)
     configs = {"forward": forward_config, "dX": dx_config, "dW": dw_config}
+    mosaic = lowering == "mosaic"
     for op, config in configs.items():
-        if lowering == "mosaic":  # no tuner yet; a given config's tiles, else its own
-            configs[op] = None if config is None else resolve_config(
-                op, config, **fusions, **({"fuse_mul_post": fuse_mul_post}
-                                          if op == "forward" else {}))
-            continue
-        if config is None and autotune:
+        if config is None and autotune and not mosaic:  # no tuner for Mosaic yet
             config = autotuned_config(op, X, W, m_sizes, gather_indices, topk,
                                       topk_weights=topk_weights, fuse_mul_post=fuse_mul_post,
                                       interpret=interpret, **fusions)
         mul = {"fuse_mul_post": fuse_mul_post} if op == "forward" else {}
-        configs[op] = resolve_config(op, config, **fusions, **mul)
+        configs[op] = config_for(op, config, mosaic=mosaic, **fusions, **mul)
     check_routing_values(dims, m_sizes, gather_indices)
     static = _Static(topk, dims.m, permute_x, permute_y, fuse_mul_post, configs["forward"],
                      configs["dX"], configs["dW"], interpret, lowering)

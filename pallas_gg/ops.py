@@ -31,6 +31,14 @@ def resolve_config(op: str, config, **fusions):
     return config
 
 
+def config_for(op: str, config, *, mosaic: bool, **fusions):
+    """The config a lowering runs: validated (the default when None) for the Triton lowering;
+    on Mosaic None stays None (its kernels pick their own tiles) and a given one is validated."""
+    if config is None and mosaic:
+        return None
+    return resolve_config(op, config, **fusions)
+
+
 def _index_array(a):
     return None if a is None else a.astype(jnp.int32)
 
@@ -64,9 +72,8 @@ def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False
     X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
         X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
         permute_y=permute_y, fuse_mul_post=fuse_mul_post)
-    if config is not None or lowering is triton_lowering:  # Mosaic: its own default tile
-        config = resolve_config("forward", config, permute_x=permute_x, permute_y=permute_y,
-                                fuse_mul_post=fuse_mul_post)
+    config = config_for("forward", config, mosaic=lowering is mosaic_lowering,
+                        permute_x=permute_x, permute_y=permute_y, fuse_mul_post=fuse_mul_post)
     check_routing_values(dims, m_sizes, gather_indices)
     return lowering.forward(
         X, W, m_sizes, _index_array(gather_indices),
@@ -89,8 +96,8 @@ def grouped_gemm_dX(dY, W, m_sizes, gather_indices, topk, *, permute_x=False, pe
     info = arg_infos(dY=dY, W=W, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dX(info["dY"], info["W"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
-    if config is not None or lowering is triton_lowering:
-        config = resolve_config("dX", config, permute_x=permute_x, permute_y=permute_y)
+    config = config_for("dX", config, mosaic=lowering is mosaic_lowering,
+                        permute_x=permute_x, permute_y=permute_y)
     check_routing_values(dims, m_sizes, gather_indices)
     return lowering.dx(
         dY, W, m_sizes, _index_array(gather_indices), num_rows=dims.m, permute_x=permute_x,
@@ -110,8 +117,8 @@ def grouped_gemm_dW(X, dY, m_sizes, gather_indices, topk, *, permute_x=False, pe
     info = arg_infos(X=X, dY=dY, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dW(info["X"], info["dY"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
-    if config is not None or lowering is triton_lowering:
-        config = resolve_config("dW", config, permute_x=permute_x, permute_y=permute_y)
+    config = config_for("dW", config, mosaic=lowering is mosaic_lowering,
+                        permute_x=permute_x, permute_y=permute_y)
     check_routing_values(dims, m_sizes, gather_indices)
     return lowering.dw(
         X, dY, m_sizes, _index_array(gather_indices), topk=topk, permute_x=permute_x,

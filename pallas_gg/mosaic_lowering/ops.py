@@ -35,6 +35,11 @@ def _default_out_tile(columns: int) -> int:
     return 128 if columns % 128 == 0 else 64
 
 
+def _to_routed_rows(a, gather_indices):
+    """Expert-order rows -> routed-row order (row p stored at gather_indices[p])."""
+    return jnp.zeros_like(a).at[gather_indices].set(a)
+
+
 def _zero_rows_past(y, m_sizes):
     """Rows past sum(m_sizes) are not written by the kernel; the contract makes them zero."""
     valid = jnp.arange(y.shape[0]) < jnp.sum(m_sizes)
@@ -54,7 +59,7 @@ def forward(x, w, m_sizes, gather_indices, topk_weights, *, topk, num_rows, perm
         scale = topk_weights[gather_indices].astype(jnp.float32)
         y = (y.astype(jnp.float32) * scale[:, None]).astype(y.dtype)
     if permute_y:
-        y = jnp.zeros_like(y).at[gather_indices].set(y)
+        y = _to_routed_rows(y, gather_indices)
     return y.astype(out_dtype or y.dtype)
 
 
@@ -70,7 +75,7 @@ def dx(dy, w, m_sizes, gather_indices, *, num_rows, permute_x, permute_y, config
     dx_ = _zero_rows_past(grouped_matmul(dy, w, m_sizes, transpose_rhs=False, config=cfg,
                                          interpret=interpret), m_sizes)
     if permute_x:
-        dx_ = jnp.zeros_like(dx_).at[gather_indices].set(dx_)
+        dx_ = _to_routed_rows(dx_, gather_indices)
     return dx_.astype(out_dtype or dx_.dtype)
 
 
