@@ -17,6 +17,9 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="qwen3_w1")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--json", default=None)
+    p.add_argument("--sweep", default="",
+                   help="extra Mosaic tiles to time on the plain forward and dX, "
+                        "comma-separated BMxBNxBKxSTEPS (e.g. 128x128x64x4,64x256x64x4)")
     args = p.parse_args(argv)
     import jax
     import jax.numpy as jnp
@@ -56,9 +59,10 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001
                 rows.append({"op": op, "backend": backend, "error": f"{type(e).__name__}: "
                                                                    f"{str(e)[:400]}"})
+    rows += _sweep(args.sweep, x, w, dy, m_sizes, flops, time_jax)
     ok = True
     for op in ("fwd", "dX"):
-        r = {row["backend"]: row for row in rows if row["op"] == op}
+        r = {row["backend"]: row for row in rows if row["op"] == op and "tile" not in row}
         if "out" in r["triton"] and "out" in r["mosaic"]:
             err = rel_error(np.asarray(r["mosaic"]["out"], np.float32),
                             np.asarray(r["triton"]["out"], np.float32))
@@ -74,6 +78,30 @@ def main(argv=None) -> int:
             json.dump({"shape": args.shape, "tokens": args.tokens,
                        "device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
     return 0 if ok else 1
+
+
+def _sweep(spec, x, w, dy, m_sizes, flops, time_jax):
+    """Time grouped_matmul itself with each tile of `spec` (forward: transpose_rhs; dX: the
+    weights read [N, K])."""
+    import jax
+
+    from pallas_gg.mosaic_lowering.matmul import MosaicConfig, grouped_matmul
+    rows = []
+    for item in filter(None, spec.split(",")):
+        bm, bn, bk, steps = (int(v) for v in item.split("x"))
+        cfg = MosaicConfig(bm, bn, bk, steps)
+        for op, lhs, transpose in (("fwd", x, True), ("dX", dy, False)):
+            fn = jax.jit(lambda a, b, t=transpose: grouped_matmul(a, b, m_sizes,
+                                                                  transpose_rhs=t, config=cfg))
+            row = {"op": op, "backend": "mosaic", "tile": item}
+            try:
+                fn(lhs, w).block_until_ready()
+                ms = time_jax(fn, lhs, w)
+                row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -80,12 +80,26 @@ def _mask_foreign_slots(top_k_index, top_k_weights, num_experts, *, drop: bool):
 _inverse = _block_ops.inverse_permutation
 
 
+def _swiglu_forward_config(x, w1, m_sizes, gather, topk, dims, autotune):
+    """The fused SwiGLU GEMM's forward tile: tuned under its own key ("swiglu_forward":
+    two accumulators and three stores per tile, so the plain forward's choice need not
+    fit), from the forward search space (block_n spans both halves)."""
+    def run(cfg):
+        return _block_ops.swiglu_gemm_impl(x, w1, m_sizes, gather, topk, True, _ops.encode(cfg))
+    return autotune_cache.choose(
+        "forward", None, autotune,
+        lambda: autotune_cache.key_for("swiglu_forward", dims, x.dtype, x.device,
+                                       permute_x=True),
+        run, x.device, permute_x=True)
+
+
 def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune):
-    """Forward / dX / dW configs of the fused SwiGLU GEMM (permute_x): the default forward
-    tile (its block_n spans both halves), tuned or default dX and dW."""
+    """Forward / dX / dW configs of the fused SwiGLU GEMM (permute_x), tuned (autotune) or
+    default."""
     dims = v.check_forward(x, w1, m_sizes, gather, topk, permute_x=True, permute_y=False,
                            topk_weights=None, fuse_mul_post=False, config=None)
     dx_cfg = dw_cfg = None
+    forward_cfg = _swiglu_forward_config(x, w1, m_sizes, gather, topk, dims, autotune)
     if autotune:
         dx_cfg, dw_cfg = api._backward_configs(None, None, dims, x, w1, m_sizes, gather, topk,
                                                True, False)
@@ -97,7 +111,7 @@ def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune):
         if x.is_cuda:
             dw_cfg = autotune_cache.cached(autotune_cache.key_for(
                 "dW", dims, x.dtype, x.device, **plain)) or dw_cfg
-    return [_ops.encode(c) for c in (default_config("forward"),
+    return [_ops.encode(c) for c in (forward_cfg,
                                      dx_cfg or default_config("dX"),
                                      dw_cfg or default_config("dW"))]
 

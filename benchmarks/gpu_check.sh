@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One GPU call: carried wheels (.whl/), the GPU tests named by GG_TESTS (pytest -m gpu),
+# the expert-block benchmark (Liger and the torch._grouped_mm block in the same process;
+# MOE_ARGS adds e.g. --jax --profile), then the Mosaic GPU probe with the tiles of
+# MOSAIC_SWEEP. Every step has its own time limit; results and logs land in $OUT.
+set -u
+OUT=${OUT:-/tmp/gg_out}
+mkdir -p "$OUT/tc"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=.:/tmp/site:.whl/stub PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export GG_CACHE_DIR="$OUT/tc"
+cp benchmarks/tuned/tuned_*.json "$GG_CACHE_DIR"/ 2>/dev/null
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  if [ -n "${GG_TESTS:-}" ]; then
+    timeout "${TEST_LIMIT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+      -p no:warnings $GG_TESTS ${GG_K:+-k "$GG_K"} 2>&1 | grep -v "^  " | tail -30
+  fi
+  if [ -z "${NO_MOE:-}" ]; then
+    timeout "${MOE_LIMIT:-240}" python3 -m benchmarks.moe_block ${MOE_ARGS:-} \
+      --json "$OUT/moe_block.json"
+  fi
+  if [ -n "${MOSAIC_SWEEP+x}" ]; then
+    timeout "${MOSAIC_LIMIT:-150}" python3 -m benchmarks.mosaic_probe \
+      --sweep "$MOSAIC_SWEEP" --json "$OUT/mosaic_probe.json"
+  fi
+  date -u
+} 2>&1 | tee "$OUT/run.log"
