@@ -43,6 +43,23 @@ def test_tile_schedule_covers_every_row_once(m_sizes, block_m):
     np.testing.assert_array_equal(owner, expected)
 
 
+@pytest.mark.parametrize("m_sizes,m,block_m", [([64, 0, 100], 300, 64), ([5, 0], 70, 64),
+                                                ([0, 0], 9, 4), ([16, 16], 32, 16)])
+def test_tile_schedule_zero_tail_covers_the_rows_past_the_experts(m_sizes, m, block_m):
+    """zero_tail: rows sum(m_sizes) .. m belong to the pseudo-expert E, every row once."""
+    s = tile_schedule(jnp.asarray(m_sizes, jnp.int32), m, block_m, zero_tail=True)
+    owner = np.full(m, -1)
+    for e, b, st, r in zip(*(np.asarray(a) for a in s)):
+        if r:
+            span = slice(b * block_m + st, b * block_m + st + r)
+            assert np.all(owner[span] == -1), "a row visited twice"
+            owner[span] = e
+    tail = m - sum(m_sizes)
+    expected = np.concatenate([np.repeat(np.arange(len(m_sizes)), m_sizes),
+                               np.full(tail, len(m_sizes))])
+    np.testing.assert_array_equal(owner, expected)
+
+
 SMALL = MosaicConfig(block_m=64, block_n=32, block_k=32, max_concurrent_steps=2, num_sms=4)
 
 
@@ -112,6 +129,22 @@ def test_shared_cases_forward_and_dx(case):
     assert rel_error(np.asarray(dw, np.float32), ref) < tolerance(case.dtype)
     for e in np.flatnonzero(inp["m_sizes"] == 0):
         assert np.all(np.asarray(dw[e]) == 0), f"expert {e} has no rows: dW must be 0"
+
+
+def test_grouped_matmul_stores_zeros_past_the_routed_rows():
+    """Rows past sum(m_sizes) (dropped slots) are zeros written by the kernel itself; the
+    interpreter fills fresh buffers with NaN, so an unwritten row shows."""
+    rng = np.random.default_rng(3)
+    sizes = np.asarray([40, 0, 30], np.int32)
+    m, n, k = 150, 64, 32
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, n, k)) / np.sqrt(k), jnp.bfloat16)
+    for lhs, transpose in ((x, True), (jnp.asarray(rng.standard_normal((m, n)),
+                                                   jnp.bfloat16), False)):
+        out = np.asarray(grouped_matmul(lhs, w, jnp.asarray(sizes), transpose_rhs=transpose,
+                                        config=SMALL, interpret=True), np.float32)
+        assert np.all(out[70:] == 0)
+        assert np.isfinite(out[:70]).all() and np.abs(out[:70]).sum() > 0
 
 
 @pytest.mark.parametrize("m_sizes,n,k", [([20, 0, 37, 7], 64, 32), ([16, 16], 32, 32),

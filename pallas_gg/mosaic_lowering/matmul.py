@@ -33,7 +33,7 @@ class MosaicConfig:
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64
-    max_concurrent_steps: int = 4
+    max_concurrent_steps: int = 6   # 6 x 32 KiB of operand slices + the 32 KiB out tile
     num_sms: int = 132        # H100 SXM: 132, H200: 132
 
 
@@ -62,7 +62,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
                    transpose_rhs: bool, config: MosaicConfig = MosaicConfig(),
                    interpret=False) -> jax.Array:
     """out [M, N]: rows of expert e (consecutive, m_sizes[e] of them) times rhs[e]
-    (rhs[e].T with transpose_rhs). Rows past sum(m_sizes) are left unwritten.
+    (rhs[e].T with transpose_rhs). Rows past sum(m_sizes) are zeros (stored by the kernel).
 
     interpret: False (compile for the GPU), True (Mosaic GPU's interpreter, on any device) or
     a ``plgpu.InterpretGPUParams`` (the interpreter with those settings, e.g. its race
@@ -72,7 +72,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
     m = lhs.shape[0]
     if m == 0:
         return jnp.zeros((0, n), lhs.dtype)
-    sched = tile_schedule(m_sizes, m, cfg.block_m)
+    num_experts = rhs.shape[0]
+    sched = tile_schedule(m_sizes, m, cfg.block_m, zero_tail=True)
     grid_n = n // cfg.block_n
     visits = sched.expert.shape[0] * grid_n
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -87,45 +88,54 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
             @pl.when(rows > 0)
             def _():
                 expert, block, start = expert_g[tile], block_g[tile], start_g[tile]
+                # expert == E: rows past sum(m_sizes), stored from the untouched (zero)
+                # accumulator
+                compute = expert < num_experts
+                rhs_e = rhs_gmem.at[jnp.minimum(expert, num_experts - 1)]
 
                 def acc_scope(acc_ref):
-                    plgpu.emit_pipeline(
-                        lambda _, lhs_smem, rhs_smem: plgpu.wgmma(
-                            acc_ref, lhs_smem,
-                            rhs_smem.transpose((1, 0)) if transpose_rhs else rhs_smem),
-                        grid=(k // bk,),
-                        in_specs=[
-                            plgpu.BlockSpec((bm, bk), lambda kk: (block, kk),
-                                            delay_release=1),
-                            plgpu.BlockSpec((bn, bk) if transpose_rhs else (bk, bn),
-                                            (lambda kk: (ni, kk)) if transpose_rhs
-                                            else (lambda kk: (kk, ni)),
-                                            delay_release=1),
-                        ],
-                        max_concurrent_steps=cfg.max_concurrent_steps,
-                    )(lhs_gmem, rhs_gmem.at[expert])
+                    @pl.when(compute)
+                    def _():
+                        _pipeline(acc_ref, block, ni, lhs_gmem, rhs_e)
                     return acc_ref[...]
 
                 acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
+                _store_rows(acc, block, start, rows, ni, out_gmem)
 
-                @functools.partial(pl.run_scoped,
-                                   o_smem=plgpu.SMEM((bm, bn), dtype=out_gmem.dtype))
-                def _store(o_smem):
-                    o_smem[...] = acc.astype(o_smem.dtype)
-                    plgpu.commit_smem()
-                    offset = start
-                    # rows = sum of powers of two: one static-size TMA store per set bit
-                    for bit in reversed(range(int(math.log2(min(bm, m))) + 1)):
-                        size = 1 << bit
+    def _pipeline(acc_ref, block, ni, lhs_gmem, rhs_e):
+        plgpu.emit_pipeline(
+            lambda _, lhs_smem, rhs_smem: plgpu.wgmma(
+                acc_ref, lhs_smem,
+                rhs_smem.transpose((1, 0)) if transpose_rhs else rhs_smem),
+            grid=(k // bk,),
+            in_specs=[
+                plgpu.BlockSpec((bm, bk), lambda kk: (block, kk), delay_release=1),
+                plgpu.BlockSpec((bn, bk) if transpose_rhs else (bk, bn),
+                                (lambda kk: (ni, kk)) if transpose_rhs
+                                else (lambda kk: (kk, ni)),
+                                delay_release=1),
+            ],
+            max_concurrent_steps=cfg.max_concurrent_steps,
+        )(lhs_gmem, rhs_e)
 
-                        @pl.when(rows & size != 0)
-                        def _():
-                            plgpu.copy_smem_to_gmem(
-                                o_smem.at[pl.ds(offset, size)],
-                                out_gmem.at[pl.ds(block * bm + offset, size),
-                                            pl.ds(ni * bn, bn)])
-                        offset += rows & size
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    def _store_rows(acc, block, start, rows, ni, out_gmem):
+        """Rows start .. start + rows of the block's accumulator to the output."""
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_gmem.dtype))
+        def _(o_smem):
+            o_smem[...] = acc.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            offset = start
+            # rows = sum of powers of two: one static-size TMA store per set bit
+            for bit in reversed(range(int(math.log2(min(bm, m))) + 1)):
+                size = 1 << bit
+
+                @pl.when(rows & size != 0)
+                def _():
+                    plgpu.copy_smem_to_gmem(
+                        o_smem.at[pl.ds(offset, size)],
+                        out_gmem.at[pl.ds(block * bm + offset, size), pl.ds(ni * bn, bn)])
+                offset += rows & size
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kernel = plgpu.kernel(
         body,

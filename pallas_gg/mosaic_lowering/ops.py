@@ -40,12 +40,6 @@ def _to_routed_rows(a, gather_indices):
     return jnp.zeros_like(a).at[gather_indices].set(a)
 
 
-def _zero_rows_past(y, m_sizes):
-    """Rows past sum(m_sizes) are not written by the kernel; the contract makes them zero."""
-    valid = jnp.arange(y.shape[0]) < jnp.sum(m_sizes)
-    return jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))
-
-
 def forward(x, w, m_sizes, gather_indices, topk_weights, *, topk, num_rows, permute_x,
             permute_y, fuse_mul_post, config, interpret, out_dtype=None):
     check_supported(x, w)
@@ -53,8 +47,7 @@ def forward(x, w, m_sizes, gather_indices, topk_weights, *, topk, num_rows, perm
            MosaicConfig(config.block_m, config.block_n, config.block_k, config.num_stages))
     if permute_x:
         x = x[gather_indices // topk]
-    y = _zero_rows_past(grouped_matmul(x, w, m_sizes, transpose_rhs=True, config=cfg,
-                                       interpret=interpret), m_sizes)
+    y = grouped_matmul(x, w, m_sizes, transpose_rhs=True, config=cfg, interpret=interpret)
     if fuse_mul_post:
         scale = topk_weights[gather_indices].astype(jnp.float32)
         y = (y.astype(jnp.float32) * scale[:, None]).astype(y.dtype)
@@ -72,8 +65,8 @@ def dx(dy, w, m_sizes, gather_indices, *, num_rows, permute_x, permute_y, config
            MosaicConfig(config.block_m, config.block_k, config.block_n, config.num_stages))
     if permute_y:
         dy = dy[gather_indices]
-    dx_ = _zero_rows_past(grouped_matmul(dy, w, m_sizes, transpose_rhs=False, config=cfg,
-                                         interpret=interpret), m_sizes)
+    dx_ = grouped_matmul(dy, w, m_sizes, transpose_rhs=False, config=cfg,
+                         interpret=interpret)
     if permute_x:
         dx_ = _to_routed_rows(dx_, gather_indices)
     return dx_.astype(out_dtype or dx_.dtype)

@@ -32,9 +32,17 @@ def num_tiles(m: int, num_experts: int, block_m: int) -> int:
     return max(1, -(-m // block_m) + num_experts - 1)
 
 
-def tile_schedule(m_sizes: jax.Array, m: int, block_m: int) -> TileSchedule:
-    """The schedule for m_sizes [E] (rows per expert, summing to m)."""
+def tile_schedule(m_sizes: jax.Array, m: int, block_m: int, *,
+                  zero_tail: bool = False) -> TileSchedule:
+    """The schedule for m_sizes [E] (rows per expert, summing to at most m).
+
+    zero_tail: the rows past sum(m_sizes) become visits of a pseudo-expert E (tiles with
+    expert == E), which the kernel stores as zeros: the contract zeroes those rows, and
+    doing it in the kernel's own stores saves a pass over the whole output."""
     sizes = m_sizes.astype(jnp.int32)
+    if zero_tail:
+        tail = jnp.maximum(m - jnp.sum(sizes), 0)
+        sizes = jnp.concatenate([sizes, tail[None]])
     num_experts = sizes.shape[0]
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
