@@ -95,15 +95,22 @@ def pallas_gg_impls(j: JaxInputs, first_gemm: bool) -> Iterator[JaxBench]:
         dx_config=plain["dX"], dw_config=plain["dW"]), (j.x, j.w), j.dy)
 
 
-def pallas_gg_mosaic_impls(j: JaxInputs) -> Iterator[JaxBench]:
-    """pallas_gg on its Mosaic GPU lowering (work in progress), default tiles, no tuner:
-    forward, dX, dW and the differentiable op's backward, all unfused."""
+def pallas_gg_mosaic_impls(j: JaxInputs, first_gemm: bool) -> Iterator[JaxBench]:
+    """pallas_gg on its Mosaic GPU lowering, default tiles, no tuner: forward (plain, and
+    with the shape's fusion: permute_x for a first GEMM, permute_y for a second, both as a
+    separate gather/scatter pass around the TMA-fed kernel), dX, dW and the differentiable
+    op's backward."""
     import jax
     import pallas_gg
 
     topk, mosaic = j.topk, dict(backend="mosaic")
     yield "pallas_gg_mosaic", "fwd", jax.jit(lambda x, w, ms, g: pallas_gg.grouped_gemm_forward(
         x, w, ms, g, topk, **mosaic)), (j.x, j.w, j.m_sizes, j.gather)
+    fused = dict(permute_x=True) if first_gemm else dict(permute_y=True)
+    name = "pallas_gg_mosaic_permute_x" if first_gemm else "pallas_gg_mosaic_permute_y"
+    yield name, "fwd", jax.jit(lambda x, w, ms, g: pallas_gg.grouped_gemm_forward(
+        x, w, ms, g, topk, **fused, **mosaic)), (
+        j.x_tokens if first_gemm else j.x, j.w, j.m_sizes, j.gather)
     yield "pallas_gg_mosaic", "dX", jax.jit(lambda dy, w, ms, g: pallas_gg.grouped_gemm_dX(
         dy, w, ms, g, topk, **mosaic)), (j.dy, j.w, j.m_sizes, j.gather)
     yield "pallas_gg_mosaic", "dW", jax.jit(lambda x, dy, ms, g: pallas_gg.grouped_gemm_dW(
@@ -123,4 +130,4 @@ def all_jax(inp: TorchInputs, first_gemm: bool, impls: set[str]) -> Iterator[Jax
     if "pallas_gg" in impls:
         yield from pallas_gg_impls(j, first_gemm)
     if "pallas_gg_mosaic" in impls:
-        yield from pallas_gg_mosaic_impls(j)
+        yield from pallas_gg_mosaic_impls(j, first_gemm)
