@@ -19,6 +19,7 @@ from gg_spec import DWConfig  # noqa: E402
 from pallas_gg.mosaic_lowering import (MosaicConfig, grouped_dw, grouped_matmul,  # noqa: E402
                                        tile_schedule)
 from pallas_gg.mosaic_lowering.schedule import num_tiles  # noqa: E402
+from pallas_gg.mosaic_lowering.matmul_ws import grouped_matmul_ws  # noqa: E402
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 
@@ -179,7 +180,42 @@ def test_default_config_and_triton_agreement():
     assert rel_error(np.asarray(y_m, np.float32), np.asarray(y_t, np.float32)) < 1e-2
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "dw"])
+WS = MosaicConfig(block_m=64, block_n=128, block_k=32, max_concurrent_steps=2, num_sms=3)
+
+
+@pytest.mark.parametrize("m_sizes,m", [([70, 0, 100, 3], 200), ([64, 64], 128), ([0, 5], 90),
+                                       ([0, 0], 16)])
+def test_warp_specialized_matmul_forward_dx_and_zero_tail(m_sizes, m):
+    """Two compute warpgroups + a memory warpgroup: forward and dX against float64, rows
+    past sum(m_sizes) exactly zero (the interpreter's fresh buffers are NaN)."""
+    rng = np.random.default_rng(m)
+    sizes = np.asarray(m_sizes, np.int32)
+    n, k, routed = 256, 128, sum(m_sizes)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((len(sizes), n, k)) / np.sqrt(k), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    wr = np.asarray(w, np.float32)
+    g = np.arange(routed, dtype=np.int32)
+    y = np.asarray(grouped_matmul_ws(x, w, jnp.asarray(sizes), transpose_rhs=True, config=WS,
+                                     interpret=True), np.float32)
+    dx = np.asarray(grouped_matmul_ws(dy, w, jnp.asarray(sizes), transpose_rhs=False,
+                                      config=WS, interpret=True), np.float32)
+    for out, ref in ((y, reference.forward(np.asarray(x, np.float32)[:routed], wr, sizes, g, 1)),
+                     (dx, reference.dX(np.asarray(dy, np.float32)[:routed], wr, sizes, g, 1))):
+        if routed:
+            assert rel_error(out[:routed], ref) < tolerance("bfloat16")
+        assert np.all(out[routed:] == 0)
+
+
+def test_warp_specialized_matmul_refuses_narrow_tiles():
+    x = jnp.ones((64, 64), jnp.bfloat16)
+    w = jnp.ones((1, 64, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        grouped_matmul_ws(x, w, jnp.asarray([64], jnp.int32), transpose_rhs=True,
+                          config=MosaicConfig(block_m=64, block_n=64, block_k=32))
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "matmul_ws", "dw"])
 def test_race_detector_finds_no_race(kernel):
     """One case of each kernel under the interpreter's race detector (shared-memory
     pipeline, TMA copies; for dW also the in-place masking of boundary slices)."""
@@ -191,6 +227,9 @@ def test_race_detector_finds_no_race(kernel):
     if kernel == "matmul":
         w = jnp.asarray(rng.standard_normal((3, 32, 64)), jnp.bfloat16)
         out = grouped_matmul(x, w, m_sizes, transpose_rhs=True, config=SMALL, interpret=races)
+    elif kernel == "matmul_ws":
+        w = jnp.asarray(rng.standard_normal((3, 128, 64)), jnp.bfloat16)
+        out = grouped_matmul_ws(x, w, m_sizes, transpose_rhs=True, config=WS, interpret=races)
     else:
         dy = jnp.asarray(rng.standard_normal((100, 32)), jnp.bfloat16)
         cfg = MosaicConfig(block_m=32, block_n=32, block_k=16, max_concurrent_steps=2,

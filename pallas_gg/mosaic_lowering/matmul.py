@@ -35,6 +35,9 @@ class MosaicConfig:
     block_k: int = 64
     max_concurrent_steps: int = 6   # 6 x 32 KiB of operand slices + the 32 KiB out tile
     num_sms: int = 132        # H100 SXM: 132, H200: 132
+    # 1: one warpgroup loads, multiplies and stores (this module); 2: two compute
+    # warpgroups split block_n and a memory warpgroup feeds them (``matmul_ws``)
+    compute_wgs: int = 1
 
 
 def _check(lhs, rhs, m_sizes, transpose_rhs, cfg):
@@ -58,6 +61,22 @@ def _check(lhs, rhs, m_sizes, transpose_rhs, cfg):
     return n, k
 
 
+def store_row_range(o_smem, out_gmem, block_row, start, rows, max_rows: int):
+    """TMA-store rows start .. start + rows of the tile in o_smem to out_gmem rows
+    block_row + start ... A TMA store has a static row count, so the rows go as a sum of
+    powers of two, one static-size copy per set bit of `rows` (at most log2(max_rows) + 1
+    copies; the technique of JAX's Mosaic GPU ragged_dot example). Not waited for."""
+    offset = start
+    for bit in reversed(range(int(math.log2(max_rows)) + 1)):
+        size = 1 << bit
+
+        @pl.when(rows & size != 0)
+        def _():
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(offset, size)],
+                                    out_gmem.at[pl.ds(block_row + offset, size)])
+        offset += rows & size
+
+
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
                    transpose_rhs: bool, config: MosaicConfig = MosaicConfig(),
                    interpret=False) -> jax.Array:
@@ -68,6 +87,12 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
     a ``plgpu.InterpretGPUParams`` (the interpreter with those settings, e.g. its race
     detector)."""
     cfg = config
+    if cfg.compute_wgs == 2:
+        from pallas_gg.mosaic_lowering.matmul_ws import grouped_matmul_ws
+        return grouped_matmul_ws(lhs, rhs, m_sizes, transpose_rhs=transpose_rhs, config=cfg,
+                                 interpret=interpret)
+    if cfg.compute_wgs != 1:
+        raise ValueError(f"compute_wgs must be 1 or 2, got {cfg.compute_wgs}")
     n, k = _check(lhs, rhs, m_sizes, transpose_rhs, cfg)
     m = lhs.shape[0]
     if m == 0:
@@ -124,17 +149,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
         def _(o_smem):
             o_smem[...] = acc.astype(o_smem.dtype)
             plgpu.commit_smem()
-            offset = start
-            # rows = sum of powers of two: one static-size TMA store per set bit
-            for bit in reversed(range(int(math.log2(min(bm, m))) + 1)):
-                size = 1 << bit
-
-                @pl.when(rows & size != 0)
-                def _():
-                    plgpu.copy_smem_to_gmem(
-                        o_smem.at[pl.ds(offset, size)],
-                        out_gmem.at[pl.ds(block * bm + offset, size), pl.ds(ni * bn, bn)])
-                offset += rows & size
+            store_row_range(o_smem, out_gmem.at[:, pl.ds(ni * bn, bn)], block * bm, start,
+                            rows, min(bm, m))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kernel = plgpu.kernel(
