@@ -1,9 +1,10 @@
 """Which Pallas lowering runs a call, and whether it runs interpreted.
 
-``backend="auto" | "mosaic" | "triton"`` is accepted by every public function. ``"auto"`` picks
-the Triton lowering; ``"mosaic"`` (Mosaic GPU, for Hopper; ``pallas_gg.mosaic_lowering``) runs
-the direct forward, dX and dW, the differentiable op, routing and the expert block, and
-raises NotImplementedError for the rest (ragged_dot, tune).
+``backend="auto" | "mosaic" | "triton"`` is accepted by every public function. ``"auto"`` picks,
+per GEMM, Mosaic GPU where it measured faster on Hopper (``pick_lowering``) and the Triton
+lowering elsewhere; ``"mosaic"`` (Mosaic GPU, for Hopper; ``pallas_gg.mosaic_lowering``)
+runs the direct forward, dX and dW, the differentiable op, routing and the expert block,
+and raises NotImplementedError for the rest (ragged_dot, tune).
 Without a GPU (or for arrays that live on the CPU) the kernels run with ``interpret=True``.
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import warnings
 
 import jax
+import jax.numpy as jnp
 
 BACKENDS = ("auto", "mosaic", "triton")
 
@@ -33,10 +35,45 @@ def quiet_triton_deprecation():
         yield
 
 
+# The unfused ops in which the Mosaic GPU lowering measured faster than the Triton lowering
+# on Hopper with default tiles (benchmarks/NOTES.md, H200): "auto" picks Mosaic for these.
+# The fused forms (permute_x / permute_y / fuse_mul_post) run on Mosaic as separate gather
+# and scatter passes, slower than the Triton lowering's fused row loads: they stay there.
+MOSAIC_FASTER_OPS = frozenset({"forward", "dX"})
+_MOSAIC_DTYPES = ("bfloat16", "float16")
+
+
+def _on_hopper() -> bool:
+    """The default device is an sm_90 GPU (H100 / H200 / H800 / H20)."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return False
+    cc = getattr(dev, "compute_capability", None)
+    if cc is not None:
+        return str(cc).startswith("9.")
+    return any(name in getattr(dev, "device_kind", "") for name in ("H100", "H200", "H800",
+                                                                   "H20"))
+
+
+def pick_lowering(backend: str, *, op: str, dtype, n: int, k: int, fused: bool,
+                  config_given: bool, interpret: bool) -> str:
+    """The lowering of one op ("forward", "dX" or "dW") of a call. ``"auto"`` picks Mosaic
+    GPU where it measured faster (``MOSAIC_FASTER_OPS``, unfused, on Hopper, bf16/fp16,
+    N and K multiples of 64 so its default tiles fit, no config or tuner given: those are
+    the Triton lowering's) and the Triton lowering everywhere else, the interpreter
+    included."""
+    if backend != "auto":
+        return resolve_backend(backend, mosaic_ready=True)
+    mosaic = (op in MOSAIC_FASTER_OPS and not fused and not config_given and not interpret
+              and str(jnp.dtype(dtype)) in _MOSAIC_DTYPES and n % 64 == 0 and k % 64 == 0
+              and _on_hopper())
+    return "mosaic" if mosaic else "triton"
+
+
 def resolve_backend(backend: str, *, mosaic_ready: bool = False) -> str:
-    """The lowering that will run. ``"auto"`` is the Triton lowering (the Mosaic GPU one is
-    not yet measured faster anywhere). ``"mosaic"`` runs where its kernels exist
-    (``mosaic_ready``) and raises NotImplementedError elsewhere."""
+    """The lowering that will run, for functions without a per-op choice: ``"auto"`` is the
+    Triton lowering there (see ``pick_lowering`` for the GEMMs). ``"mosaic"`` runs where its
+    kernels exist (``mosaic_ready``) and raises NotImplementedError elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "mosaic":

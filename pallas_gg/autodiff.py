@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from gg_spec import DWConfig, DXConfig, ForwardConfig
 from pallas_gg import triton_lowering
-from pallas_gg._backend import resolve_backend, use_interpreter
+from pallas_gg._backend import pick_lowering, resolve_backend, use_interpreter
 from pallas_gg.mosaic_lowering import ops as mosaic_lowering
 from pallas_gg._validate import check_routing_values
 from pallas_gg.ops import check_forward_args, config_for
@@ -44,15 +44,20 @@ class _Static:
     dx_config: DXConfig
     dw_config: DWConfig
     interpret: bool
-    lowering: str = "triton"   # "mosaic": pallas_gg.mosaic_lowering (configs may be None)
+    # the lowering of the forward, dX and dW: "triton" or "mosaic" (pallas_gg.mosaic_lowering,
+    # whose configs may be None)
+    lowerings: tuple[str, str, str] = ("triton", "triton", "triton")
 
 
-def _impl(s: _Static):
-    return mosaic_lowering if s.lowering == "mosaic" else triton_lowering
+_OPS = ("forward", "dX", "dW")
+
+
+def _impl(s: _Static, op: str):
+    return mosaic_lowering if s.lowerings[_OPS.index(op)] == "mosaic" else triton_lowering
 
 
 def _forward(s: _Static, x, w, m_sizes, gather, topk_weights):
-    return _impl(s).forward(
+    return _impl(s, "forward").forward(
         x, w, m_sizes, gather, topk_weights, topk=s.topk, num_rows=s.num_rows,
         permute_x=s.permute_x, permute_y=s.permute_y, fuse_mul_post=s.fuse_mul_post,
         config=s.forward_config, interpret=s.interpret)
@@ -78,7 +83,7 @@ def _op_bwd(s: _Static, residuals, dy):
     x, w, m_sizes, gather, topk_weights = residuals
 
     def dx_kernel(dy_, out_dtype=None):
-        return _impl(s).dx(dy_, w, m_sizes, gather, num_rows=s.num_rows,
+        return _impl(s, "dX").dx(dy_, w, m_sizes, gather, num_rows=s.num_rows,
                                   permute_x=s.permute_x, permute_y=s.permute_y,
                                   config=s.dx_config, interpret=s.interpret,
                                   out_dtype=out_dtype)
@@ -108,7 +113,7 @@ def _op_bwd(s: _Static, residuals, dy):
         dy_scaled = dy
         dx = dx_kernel(dy)
     dx = _sum_token_copies(dx, s.topk, x.dtype) if s.permute_x else dx.astype(x.dtype)
-    dw = _impl(s).dw(x, dy_scaled, m_sizes, gather, topk=s.topk, permute_x=s.permute_x,
+    dw = _impl(s, "dW").dw(x, dy_scaled, m_sizes, gather, topk=s.topk, permute_x=s.permute_x,
                             permute_y=s.permute_y, config=s.dw_config, interpret=s.interpret,
                             out_dtype=w.dtype)
     return dx, dw, None, None, d_weights
@@ -131,7 +136,7 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
     (``pallas_gg.tune``; on CPU the cached or default config, nothing is timed). An explicit
     config always wins over autotuning.
     """
-    lowering = resolve_backend(backend, mosaic_ready=True)
+    resolve_backend(backend, mosaic_ready=True)
     X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
         X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
         permute_y=permute_y, fuse_mul_post=fuse_mul_post)
@@ -141,17 +146,23 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
     interpret = use_interpreter(X, W)
     fusions = dict(permute_x=permute_x, permute_y=permute_y)
     configs = {"forward": forward_config, "dX": dx_config, "dW": dw_config}
-    mosaic = lowering == "mosaic"
+    lowerings = []
     for op, config in configs.items():
+        fused = permute_x or permute_y or (fuse_mul_post and op != "dW")
+        lowering = pick_lowering(backend, op=op, dtype=X.dtype, n=dims.n, k=dims.k,
+                                 fused=fused, config_given=config is not None or autotune,
+                                 interpret=interpret)
+        mosaic = lowering == "mosaic"
         if config is None and autotune and not mosaic:  # no tuner for Mosaic yet
             config = autotuned_config(op, X, W, m_sizes, gather_indices, topk,
                                       topk_weights=topk_weights, fuse_mul_post=fuse_mul_post,
                                       interpret=interpret, **fusions)
         mul = {"fuse_mul_post": fuse_mul_post} if op == "forward" else {}
         configs[op] = config_for(op, config, mosaic=mosaic, **fusions, **mul)
+        lowerings.append(lowering)
     check_routing_values(dims, m_sizes, gather_indices)
     static = _Static(topk, dims.m, permute_x, permute_y, fuse_mul_post, configs["forward"],
-                     configs["dX"], configs["dW"], interpret, lowering)
+                     configs["dX"], configs["dW"], interpret, tuple(lowerings))
     gather = None if gather_indices is None else gather_indices.astype(jnp.int32)
     return _op(static, X, W, m_sizes, gather, topk_weights if fuse_mul_post else None)
 

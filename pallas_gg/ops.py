@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import gg_spec
 from gg_spec import checks
 from pallas_gg import triton_lowering
-from pallas_gg._backend import resolve_backend, use_interpreter
+from pallas_gg._backend import pick_lowering, resolve_backend, use_interpreter
 from pallas_gg.mosaic_lowering import ops as mosaic_lowering
 
 
-def _lowering(backend: str, *, mosaic_ready: bool):
-    name = resolve_backend(backend, mosaic_ready=mosaic_ready)
+def _lowering(backend: str, op: str, dims, *, dtype, fused: bool, config, interpret: bool):
+    """The lowering module of one call (``pick_lowering``)."""
+    name = pick_lowering(backend, op=op, dtype=dtype, n=dims.n, k=dims.k, fused=fused,
+                         config_given=config is not None, interpret=interpret)
     return mosaic_lowering if name == "mosaic" else triton_lowering
 from pallas_gg._validate import arg_infos, as_array, check_routing_values
 
@@ -68,10 +70,13 @@ def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False
     row p is scaled by topk_weights[gather_indices[p]]). With ``permute_y`` row p is stored at
     Y[gather_indices[p]] (Y in routed-row order). ``config`` is a ``ForwardConfig``.
     """
-    lowering = _lowering(backend, mosaic_ready=True)
+    resolve_backend(backend, mosaic_ready=True)
     X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
         X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
         permute_y=permute_y, fuse_mul_post=fuse_mul_post)
+    interpret = use_interpreter(X, W)
+    lowering = _lowering(backend, "forward", dims, dtype=X.dtype, config=config,
+                         fused=permute_x or permute_y or fuse_mul_post, interpret=interpret)
     config = config_for("forward", config, mosaic=lowering is mosaic_lowering,
                         permute_x=permute_x, permute_y=permute_y, fuse_mul_post=fuse_mul_post)
     check_routing_values(dims, m_sizes, gather_indices)
@@ -79,7 +84,7 @@ def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False
         X, W, m_sizes, _index_array(gather_indices),
         topk_weights if fuse_mul_post else None, topk=topk, num_rows=dims.m,
         permute_x=permute_x, permute_y=permute_y, fuse_mul_post=fuse_mul_post, config=config,
-        interpret=use_interpreter(X, W))
+        interpret=interpret)
 
 
 def grouped_gemm_dX(dY, W, m_sizes, gather_indices, topk, *, permute_x=False, permute_y=False,
@@ -91,17 +96,20 @@ def grouped_gemm_dX(dY, W, m_sizes, gather_indices, topk, *, permute_x=False, pe
     dX[gather_indices[p]] (routed-row order; the differentiable op sums each token's k rows).
     ``config`` is a ``DXConfig``.
     """
-    lowering = _lowering(backend, mosaic_ready=True)
+    resolve_backend(backend, mosaic_ready=True)
     dY, W, m_sizes, gather_indices = map(as_array, (dY, W, m_sizes, gather_indices))
     info = arg_infos(dY=dY, W=W, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dX(info["dY"], info["W"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
+    interpret = use_interpreter(dY, W)
+    lowering = _lowering(backend, "dX", dims, dtype=dY.dtype, config=config,
+                         fused=permute_x or permute_y, interpret=interpret)
     config = config_for("dX", config, mosaic=lowering is mosaic_lowering,
                         permute_x=permute_x, permute_y=permute_y)
     check_routing_values(dims, m_sizes, gather_indices)
     return lowering.dx(
         dY, W, m_sizes, _index_array(gather_indices), num_rows=dims.m, permute_x=permute_x,
-        permute_y=permute_y, config=config, interpret=use_interpreter(dY, W))
+        permute_y=permute_y, config=config, interpret=interpret)
 
 
 def grouped_gemm_dW(X, dY, m_sizes, gather_indices, topk, *, permute_x=False, permute_y=False,
@@ -112,14 +120,17 @@ def grouped_gemm_dW(X, dY, m_sizes, gather_indices, topk, *, permute_x=False, pe
     ``permute_y``) follow the gather rules of the forward and dX. An expert without rows gets
     exact zeros. ``config`` is a ``DWConfig`` (block_m is the reduction block).
     """
-    lowering = _lowering(backend, mosaic_ready=True)
+    resolve_backend(backend, mosaic_ready=True)
     X, dY, m_sizes, gather_indices = map(as_array, (X, dY, m_sizes, gather_indices))
     info = arg_infos(X=X, dY=dY, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dW(info["X"], info["dY"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
+    interpret = use_interpreter(X, dY)
+    lowering = _lowering(backend, "dW", dims, dtype=X.dtype, config=config,
+                         fused=permute_x or permute_y, interpret=interpret)
     config = config_for("dW", config, mosaic=lowering is mosaic_lowering,
                         permute_x=permute_x, permute_y=permute_y)
     check_routing_values(dims, m_sizes, gather_indices)
     return lowering.dw(
         X, dY, m_sizes, _index_array(gather_indices), topk=topk, permute_x=permute_x,
-        permute_y=permute_y, config=config, interpret=use_interpreter(X, dY))
+        permute_y=permute_y, config=config, interpret=interpret)

@@ -330,3 +330,23 @@ def test_gpu_mosaic_matches_triton_lowering(shape):
     g_t = jax.grad(functools.partial(loss, "triton"), argnums=(0, 1))(x, w)
     for a, b in zip(g_m, g_t):
         assert rel_error(np.asarray(a, np.float32), np.asarray(b, np.float32)) < tol
+
+
+def test_auto_picks_mosaic_only_where_it_measured_faster(monkeypatch):
+    """backend="auto": Mosaic for MOSAIC_FASTER_OPS, unfused, bf16/fp16, whole 64-tiles, no
+    config, compiled on Hopper; the Triton lowering for everything else."""
+    from pallas_gg import _backend
+    monkeypatch.setattr(_backend, "_on_hopper", lambda: True)
+    base = dict(dtype=jnp.bfloat16, n=1536, k=2048, fused=False, config_given=False,
+                interpret=False)
+    fast = sorted(_backend.MOSAIC_FASTER_OPS)
+    for op in ("forward", "dX", "dW"):
+        want = "mosaic" if op in fast else "triton"
+        assert _backend.pick_lowering("auto", op=op, **base) == want
+        for change in (dict(fused=True), dict(config_given=True), dict(interpret=True),
+                       dict(dtype=jnp.float32), dict(n=1000), dict(k=2900)):
+            assert _backend.pick_lowering("auto", op=op, **{**base, **change}) == "triton"
+        assert _backend.pick_lowering("triton", op=op, **base) == "triton"
+        assert _backend.pick_lowering("mosaic", op=op, **{**base, "fused": True}) == "mosaic"
+    monkeypatch.setattr(_backend, "_on_hopper", lambda: False)
+    assert _backend.pick_lowering("auto", op="forward", **base) == "triton"
