@@ -31,7 +31,7 @@ from triton_gg import _block_ops, _ops, api
 from triton_gg import autotune as autotune_cache
 from triton_gg import _validate as v
 from triton_gg.api import grouped_gemm
-from triton_gg.routing import route
+from triton_gg.routing import route_with_positions
 
 
 def _fail(msg: str):
@@ -149,7 +149,7 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         _fail(f"{names[0]} {tuple(w1.shape)} must hold [gate; up] rows, 2 x the "
               f"I={w2.shape[2]} of {names[1]} {tuple(w2.shape)}")
     with routing_trusted():
-        m_sizes, gather = route(index, num_experts)
+        m_sizes, gather, pos = route_with_positions(index, num_experts)
         if fused_gate:
             a = _block_ops.swiglu_gemm(
                 x, w1, m_sizes, gather, topk, True,
@@ -165,7 +165,7 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                   f"{tuple(w2.shape)} takes [{gather.shape[0]}, {w2.shape[2]}]")
         y = grouped_gemm(a.to(w2.dtype), w2, m_sizes, gather, topk,
                          autotune=autotune)                   # [M, H], expert order
-    out = _block_ops.combine(y, weights.reshape(-1), _inverse(gather), m_sizes, topk)
+    out = _block_ops.combine(y, weights.reshape(-1), pos, m_sizes, topk)
     if b2 is not None:  # sum_j w_j * b2[e_j]: the bias rides the routing weight too
         b2_rows = b2.to(weights.dtype)[index.clamp(max=num_experts - 1)]   # dropped: weight 0
         out = out + torch.einsum("tk,tkh->th", weights, b2_rows)
