@@ -25,7 +25,7 @@ cp benchmarks/tuned/tuned_*.json "$GG_CACHE_DIR"/ 2>/dev/null
   fi
   if [ -n "${MOSAIC_SWEEP+x}" ]; then
     timeout "${MOSAIC_LIMIT:-150}" python3 -m benchmarks.mosaic_probe \
-      --sweep "$MOSAIC_SWEEP" --json "$OUT/mosaic_probe.json"
+      --shape "${MOSAIC_SHAPES:-qwen3_w1}" --sweep "$MOSAIC_SWEEP" --json "$OUT/mosaic_probe.json"
   fi
   date -u
 } 2>&1 | tee "$OUT/run.log"

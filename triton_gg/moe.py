@@ -141,8 +141,13 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     # Foreign slots are dropped on the fused path (its backward sums dX through the
     # combine pass, which skips unwritten rows); the unfused path's generic permute_x
     # backward needs every row written, so there they run on expert 0 with weight 0.
-    index, weights = _mask_foreign_slots(top_k_index, top_k_weights, num_experts,
-                                         drop=fused_gate)
+    if fused_gate and b2 is None:
+        # nothing to mask: route counts foreign ids for no expert and sorts them past
+        # sum(m_sizes), where the combine passes skip them (their weight's gradient is 0)
+        index, weights = top_k_index, top_k_weights
+    else:
+        index, weights = _mask_foreign_slots(top_k_index, top_k_weights, num_experts,
+                                             drop=fused_gate)
     if mid is None and not fused_gate:
         mid = silu_gate()
     if fused_gate and w1.shape[1] != 2 * w2.shape[2]:
