@@ -2,7 +2,8 @@
 # One GPU call: carried wheels (.whl/), the GPU tests named by GG_TESTS (pytest -m gpu),
 # the expert-block benchmark (Liger and the torch._grouped_mm block in the same process;
 # MOE_ARGS adds e.g. --jax --profile), then the Mosaic GPU probe with the tiles of
-# MOSAIC_SWEEP. Every step has its own time limit; results and logs land in $OUT.
+# MOSAIC_SWEEP, then `python -m benchmarks --impls $BENCH_IMPLS`. Every step has its own time
+# limit; results and logs land in $OUT.
 set -u
 OUT=${OUT:-/tmp/gg_out}
 mkdir -p "$OUT/tc"
@@ -26,6 +27,10 @@ cp benchmarks/tuned/tuned_*.json "$GG_CACHE_DIR"/ 2>/dev/null
   if [ -n "${MOSAIC_SWEEP+x}" ]; then
     timeout "${MOSAIC_LIMIT:-150}" python3 -m benchmarks.mosaic_probe \
       --shape "${MOSAIC_SHAPES:-qwen3_w1}" --sweep "$MOSAIC_SWEEP" --json "$OUT/mosaic_probe.json"
+  fi
+  if [ -n "${BENCH_IMPLS:-}" ]; then
+    timeout "${BENCH_LIMIT:-330}" python3 -m benchmarks --out "$OUT" --impls "$BENCH_IMPLS" \
+      --tag "${BENCH_TAG:-session}" 2>&1 | tail -45
   fi
   date -u
 } 2>&1 | tee "$OUT/run.log"

@@ -6,9 +6,8 @@ the fusions around the TMA-fed grouped GEMM: permute_x gathers X into expert ord
 scales them on the way. Fused row gathers (per-row copies by a producer warpgroup) are the
 alternative still to be written and measured against this. Same signatures as
 ``pallas_gg.triton_lowering``; a gg_spec config's tile sizes are used when one is given
-(``num_stages`` as the number of TMA slices in flight), else ``MosaicConfig()``'s 128 x 128
-x 64 tile (one warpgroup's accumulator: the Triton lowering's default 128 x 256 would not fit
-its registers).
+(``num_stages`` as the number of TMA slices in flight), else ``default_matmul_config`` (two
+compute warpgroups on 128 x 256 where the output width allows) and 128 x 128 x 64 for dW.
 """
 
 from __future__ import annotations
@@ -29,6 +28,15 @@ def check_supported(*arrays) -> None:
                 f"use backend='triton' for {a.dtype}")
 
 
+def default_matmul_config(out_columns: int) -> MosaicConfig:
+    """The forward's / dX's tile by output width (H200 sweep, benchmarks/NOTES.md step 12):
+    the warp-specialized 128 x 256 tile where 256 columns divide (3 slices in flight: 3 x 48
+    KiB + two 32 KiB out tiles), else one warpgroup's 128 x 128 (6 slices), else 128 x 64."""
+    if out_columns % 256 == 0:
+        return MosaicConfig(block_n=256, max_concurrent_steps=3, compute_wgs=2)
+    return MosaicConfig(block_n=_default_out_tile(out_columns))
+
+
 def _default_out_tile(columns: int) -> int:
     """128 output columns per tile where they divide, else 64: the same shapes as the
     forward's default (whose contraction tile is 64) then run dX and dW too."""
@@ -43,7 +51,7 @@ def _to_routed_rows(a, gather_indices):
 def forward(x, w, m_sizes, gather_indices, topk_weights, *, topk, num_rows, permute_x,
             permute_y, fuse_mul_post, config, interpret, out_dtype=None):
     check_supported(x, w)
-    cfg = (MosaicConfig() if config is None else
+    cfg = (default_matmul_config(w.shape[1]) if config is None else
            MosaicConfig(config.block_m, config.block_n, config.block_k, config.num_stages))
     if permute_x:
         x = x[gather_indices // topk]
@@ -61,7 +69,7 @@ def dx(dy, w, m_sizes, gather_indices, *, num_rows, permute_x, permute_y, config
     check_supported(dy, w)
     # dX's output columns are K (the config's block_k), its reduction runs over N (block_n)
     k = w.shape[2]
-    cfg = (MosaicConfig(block_n=_default_out_tile(k)) if config is None else
+    cfg = (default_matmul_config(k) if config is None else
            MosaicConfig(config.block_m, config.block_k, config.block_n, config.num_stages))
     if permute_y:
         dy = dy[gather_indices]
