@@ -36,10 +36,13 @@ def quiet_triton_deprecation():
 
 
 # The unfused ops in which the Mosaic GPU lowering measured faster than the Triton lowering
-# on Hopper with default tiles (benchmarks/NOTES.md, H200): "auto" picks Mosaic for these.
-# The fused forms (permute_x / permute_y / fuse_mul_post) run on Mosaic as separate gather
-# and scatter passes, slower than the Triton lowering's fused row loads: they stay there.
-MOSAIC_FASTER_OPS = frozenset({"forward", "dX"})
+# on Hopper with default tiles: "auto" picks Mosaic for these. None so far (benchmarks/
+# NOTES.md step 12, H200): with balanced routing Mosaic's forward and dX ran 1.03-1.10x the
+# Triton lowering on three of the four shapes, but in `python -m benchmarks` (random
+# routing, the Triton lowering tuned) 0.88-1.00x forward, 0.92-0.98x dX, 0.8x dW. The fused
+# forms (permute_x / permute_y / fuse_mul_post) run on Mosaic as separate gather passes,
+# slower than the Triton lowering's fused row loads.
+MOSAIC_FASTER_OPS: frozenset[str] = frozenset()
 _MOSAIC_DTYPES = ("bfloat16", "float16")
 
 

@@ -339,9 +339,11 @@ def test_auto_picks_mosaic_only_where_it_measured_faster(monkeypatch):
     config, compiled on Hopper; the Triton lowering for everything else."""
     from pallas_gg import _backend
     monkeypatch.setattr(_backend, "_on_hopper", lambda: True)
+    # the mechanism, with a set of winners (the measured set may be empty)
+    monkeypatch.setattr(_backend, "MOSAIC_FASTER_OPS", frozenset({"forward", "dX"}))
     base = dict(dtype=jnp.bfloat16, n=1536, k=2048, fused=False, config_given=False,
                 interpret=False)
-    fast = sorted(_backend.MOSAIC_FASTER_OPS)
+    fast = ("forward", "dX")
     for op in ("forward", "dX", "dW"):
         want = "mosaic" if op in fast else "triton"
         assert _backend.pick_lowering("auto", op=op, **base) == want

@@ -44,8 +44,13 @@ def _default_out_tile(columns: int) -> int:
 
 
 def _to_routed_rows(a, gather_indices):
-    """Expert-order rows -> routed-row order (row p stored at gather_indices[p])."""
-    return jnp.zeros_like(a).at[gather_indices].set(a)
+    """Expert-order rows -> routed-row order (row p stored at gather_indices[p]), as a row
+    gather through the inverse permutation: XLA's row scatter (``.at[g].set``) ran at 127
+    TFLOP/s-equivalent on qwen3_w2 (H200), a gather moves the same bytes as permute_x's.
+    gather_indices is a permutation of the M rows (dropped slots included)."""
+    m = gather_indices.shape[0]
+    inverse = jnp.zeros((m,), jnp.int32).at[gather_indices].set(jnp.arange(m, dtype=jnp.int32))
+    return a[inverse]
 
 
 def forward(x, w, m_sizes, gather_indices, topk_weights, *, topk, num_rows, permute_x,
