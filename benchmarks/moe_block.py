@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--jax", action="store_true", help="also time pallas_gg.moe_experts")
     p.add_argument("--profile", action="store_true", help="kernel breakdown per impl")
+    p.add_argument("--graph", action="store_true",
+                   help="also time each impl's fwd and fwd+bwd replayed from a CUDA graph "
+                        "(no host launch cost; an impl with a host sync cannot be captured)")
     args = p.parse_args(argv)
     import triton.testing
 
@@ -94,6 +97,9 @@ def main(argv=None) -> int:
                      "peak_gib": peak})
         print(f"{name:18s} fwd {fwd_ms:6.3f} ms   fwd+bwd {both_ms:6.3f} ms   "
               f"peak {peak:5.1f} GiB")
+    if args.graph:
+        for name, fn in impls.items():
+            rows.append(_graph_row(name, fn, params, dout, t))
     if args.jax:  # before the torch profiler: CUPTI takes one subscriber at a time
         rows += _jax_rows(hidden, gate_up, down, idx, weights, dout, outs["torch_grouped_mm"])
         err = max(err, rows[-2]["value"])  # a wrong JAX block fails the run too
@@ -106,6 +112,34 @@ def main(argv=None) -> int:
             json.dump({"card": torch.cuda.get_device_name(), "preset": "qwen3_30b_a3b",
                        "dtype": "bfloat16", "rows": rows}, f, indent=1)
     return 0 if err < 2e-2 else 1
+
+
+def _graph_row(name, fn, params, dout, tokens):
+    """fwd and fwd+bwd of `fn` captured in CUDA graphs (after the eager runs above: tuning
+    and compilation done), replayed under the same do_bench (L2 flushed)."""
+    import triton.testing
+    row = {"impl": name, "tokens": tokens, "timing": "CUDA graph replay"}
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture wants
+            for _ in range(2):
+                torch.autograd.grad(fn(), params, dout)
+        torch.cuda.current_stream().wait_stream(stream)
+        fwd_graph, step_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(fwd_graph):
+            fn()
+        with torch.cuda.graph(step_graph):
+            torch.autograd.grad(fn(), params, dout)
+        row["fwd_ms"] = triton.testing.do_bench(fwd_graph.replay, return_mode="median")
+        row["fwd_bwd_ms"] = triton.testing.do_bench(step_graph.replay, return_mode="median")
+        print(f"{name + ' (graph)':18s} fwd {row['fwd_ms']:6.3f} ms   "
+              f"fwd+bwd {row['fwd_bwd_ms']:6.3f} ms")
+    except Exception as e:  # noqa: BLE001 - e.g. a host sync inside the capture
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"{name + ' (graph)':18s} not capturable: {row['error'][:160]}")
+        torch.cuda.synchronize()
+    return row
 
 
 def _liger():
