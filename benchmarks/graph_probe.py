@@ -1,0 +1,57 @@
+"""python -m benchmarks.graph_probe STAGE: can a piece of triton_gg's expert block be captured
+in a CUDA graph? STAGE: route | fwd_nograd | fwd | step. One stage per process (a failed
+capture poisons the CUDA context). Qwen3-30B-A3B shapes, T=1024, bf16."""
+
+import sys
+
+import torch
+
+
+def main(stage: str) -> int:
+    import triton_gg
+    from triton_gg.routing import route_with_positions
+    e, h, i, k, t = 128, 2048, 768, 8, 1024
+    dev, dt = "cuda", torch.bfloat16
+    hidden = torch.randn(t, h, device=dev, dtype=dt, requires_grad=True)
+    gate_up = (torch.randn(e, 2 * i, h, device=dev, dtype=dt) * h**-0.5).requires_grad_(True)
+    down = (torch.randn(e, h, i, device=dev, dtype=dt) * i**-0.5).requires_grad_(True)
+    idx = torch.topk(torch.randn(t, e, device=dev), k, dim=-1).indices
+    w = torch.softmax(torch.randn(t, k, device=dev), -1).requires_grad_(True)
+    dout = torch.randn(t, h, device=dev, dtype=dt)
+    params = (hidden, gate_up, down, w)
+
+    def run():
+        if stage == "route":
+            return route_with_positions(idx, e)
+        if stage == "fwd_nograd":
+            with torch.no_grad():
+                return triton_gg.moe_experts(hidden, gate_up, down, idx, w)
+        out = triton_gg.moe_experts(hidden, gate_up, down, idx, w)
+        if stage == "fwd":
+            return out
+        return torch.autograd.grad(out, params, dout)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            run()
+        graph.replay()
+        torch.cuda.synchronize()
+        print(f"{stage}: captured and replayed")
+        return 0
+    except Exception as exc:  # noqa: BLE001
+        import traceback
+        print(f"{stage}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        traceback.print_exc(limit=12)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
