@@ -1,16 +1,17 @@
 """python -m benchmarks.graph_probe STAGE: can a piece of triton_gg's expert block be captured
-in a CUDA graph? STAGE: route | fwd_nograd | fwd | step. One stage per process (a failed
-capture poisons the CUDA context). Qwen3-30B-A3B shapes, T=1024, bf16."""
+in a CUDA graph? STAGE: route | fwd_nograd | fwd | step [TOKENS]. One stage per process (a failed
+capture poisons the CUDA context). Qwen3-30B-A3B shapes, T=1024 (default), bf16; with
+TOKENS >= 4096 also eager against graph-replay time (do_bench, L2 flushed)."""
 
 import sys
 
 import torch
 
 
-def main(stage: str) -> int:
+def main(stage: str, tokens: int = 1024) -> int:
     import triton_gg
     from triton_gg.routing import route_with_positions
-    e, h, i, k, t = 128, 2048, 768, 8, 1024
+    e, h, i, k, t = 128, 2048, 768, 8, tokens
     dev, dt = "cuda", torch.bfloat16
     hidden = torch.randn(t, h, device=dev, dtype=dt, requires_grad=True)
     gate_up = (torch.randn(e, 2 * i, h, device=dev, dtype=dt) * h**-0.5).requires_grad_(True)
@@ -26,7 +27,7 @@ def main(stage: str) -> int:
         if stage == "fwd_nograd":
             with torch.no_grad():
                 return triton_gg.moe_experts(hidden, gate_up, down, idx, w)
-        out = triton_gg.moe_experts(hidden, gate_up, down, idx, w)
+        out = triton_gg.moe_experts(hidden, gate_up, down, idx, w, autotune=True)
         if stage == "fwd":
             return out
         return torch.autograd.grad(out, params, dout)
@@ -45,6 +46,11 @@ def main(stage: str) -> int:
         graph.replay()
         torch.cuda.synchronize()
         print(f"{stage}: captured and replayed")
+        if tokens >= 4096:  # eager against graph replay, do_bench (L2 flushed), T tokens
+            import triton.testing
+            eager = triton.testing.do_bench(run, return_mode="median")
+            replay = triton.testing.do_bench(graph.replay, return_mode="median")
+            print(f"{stage} T={tokens}: eager {eager:.3f} ms, graph replay {replay:.3f} ms")
         return 0
     except Exception as exc:  # noqa: BLE001
         import traceback
@@ -54,4 +60,4 @@ def main(stage: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], *(int(a) for a in sys.argv[2:])))
