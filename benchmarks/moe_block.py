@@ -175,7 +175,6 @@ def _jax_rows(hidden, gate_up, down, idx, weights, dout, ref):
     """pallas_gg.moe_experts on the same numbers (DLPack), kernel-duration timing, with the
     default (H200-tuned) configs: pallas_gg's autotune would time whole search spaces here."""
     import jax
-    import jax.numpy as jnp
 
     import pallas_gg
     from benchmarks.timing import time_jax

@@ -23,15 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_gg.mosaic_lowering._common import launch, smem_transforms
 from pallas_gg.mosaic_lowering.matmul import MosaicConfig
-
-
-def _transforms(minor: int, dtype):
-    """Tiling and swizzle of a shared-memory tile whose minor dimension has `minor`
-    elements (wgmma reads it transposed, which needs the swizzled layout)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def _expert_slices(m_sizes, block_r: int):
@@ -64,7 +57,7 @@ def grouped_dw(x: jax.Array, dy: jax.Array, m_sizes: jax.Array, *,
         return jnp.zeros((num_experts, n, k), x.dtype)
     starts, ends, slice_start, num_slices = _expert_slices(m_sizes, br)
     grid_n, grid_k = n // bm, k // bn
-    dy_tf, x_tf = _transforms(bm, dy.dtype), _transforms(bn, x.dtype)
+    dy_tf, x_tf = smem_transforms(bm, dy.dtype), smem_transforms(bn, x.dtype)
 
     def body(starts_g, ends_g, slice_start_g, num_slices_g, x_gmem, dy_gmem, out_gmem):
         @plgpu.nd_loop((num_experts, grid_n * grid_k), collective_axes="sm")
@@ -134,10 +127,4 @@ def grouped_dw(x: jax.Array, dy: jax.Array, m_sizes: jax.Array, *,
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    args = (starts, ends, slice_start, num_slices, x, dy)
-    if interpret:
-        params = (interpret if isinstance(interpret, plgpu.InterpretGPUParams)
-                  else plgpu.InterpretGPUParams())
-        with plgpu.force_gpu_interpret_mode(params):
-            return kernel(*args)
-    return kernel(*args)
+    return launch(kernel, (starts, ends, slice_start, num_slices, x, dy), interpret)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_gg.mosaic_lowering._common import launch
 from pallas_gg.mosaic_lowering.schedule import tile_schedule
 
 
@@ -161,10 +162,5 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    args = (sched.expert, sched.block, sched.start, sched.rows, lhs, rhs)
-    if interpret:  # Mosaic GPU's interpreter (CPU); plgpu.kernel(interpret=True) is not it
-        params = (interpret if isinstance(interpret, plgpu.InterpretGPUParams)
-                  else plgpu.InterpretGPUParams())
-        with plgpu.force_gpu_interpret_mode(params):
-            return kernel(*args)
-    return kernel(*args)
+    return launch(kernel, (sched.expert, sched.block, sched.start, sched.rows, lhs, rhs),
+                  interpret)

@@ -22,18 +22,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_gg.mosaic_lowering._common import launch, smem_transforms
 from pallas_gg.mosaic_lowering.matmul import MosaicConfig, _check, store_row_range
 from pallas_gg.mosaic_lowering.schedule import tile_schedule
 
 NUM_COMPUTE_WGS = 2
-
-
-def _transforms(minor: int, dtype):
-    """Tiling + swizzle for a shared-memory tile whose minor dimension has `minor` elements
-    (the layout wgmma reads)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def grouped_matmul_ws(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
@@ -58,8 +51,8 @@ def grouped_matmul_ws(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
     grid_n = n // bn
     visits = sched.expert.shape[0] * grid_n
     dtype = lhs.dtype
-    lhs_tf = _transforms(bk, dtype)
-    rhs_tf = _transforms(bk if transpose_rhs else bn, dtype)
+    lhs_tf = smem_transforms(bk, dtype)
+    rhs_tf = smem_transforms(bk if transpose_rhs else bn, dtype)
     max_rows = min(bm, m)
 
     def pipeline(block, ni, body, compute_context):
@@ -150,10 +143,5 @@ def grouped_matmul_ws(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    args = (sched.expert, sched.block, sched.start, sched.rows, lhs, rhs)
-    if interpret:
-        params = (interpret if isinstance(interpret, plgpu.InterpretGPUParams)
-                  else plgpu.InterpretGPUParams())
-        with plgpu.force_gpu_interpret_mode(params):
-            return kernel(*args)
-    return kernel(*args)
+    return launch(kernel, (sched.expert, sched.block, sched.start, sched.rows, lhs, rhs),
+                  interpret)
