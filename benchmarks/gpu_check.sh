@@ -4,7 +4,7 @@
 # MOE_ARGS adds e.g. --jax --profile), then the Mosaic GPU probe with the tiles of
 # MOSAIC_SWEEP, then `python -m benchmarks --impls $BENCH_IMPLS`. Every step has its own time
 # limit; results and logs land in $OUT.
-set -u
+set -u -o pipefail
 OUT=${OUT:-/tmp/gg_out}
 mkdir -p "$OUT/tc"
 if ls .whl/*.whl >/dev/null 2>&1; then

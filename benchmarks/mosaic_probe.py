@@ -94,7 +94,11 @@ def _probe_shape(shape, tokens, sweep):
                                                                   transpose_rhs=t, config=cfg))
             timed({"shape": shape, "op": op, "backend": "mosaic", "tile": item}, fn, lhs, w,
                   op=op)
-    ok = all(r.get("rel_error_vs_triton", 0) < 2e-2 for r in rows)
+    # the default-tile rows must run and agree; a sweep tile may be refused (whole TMA
+    # blocks, layouts) and is recorded, not failed
+    defaults = [r for r in rows if "tile" not in r]
+    ok = (all("error" not in r for r in defaults)
+          and all(r.get("rel_error_vs_triton", 0) < 2e-2 for r in rows))
     return rows, ok
 
 

@@ -47,7 +47,9 @@ _MOSAIC_DTYPES = ("bfloat16", "float16")
 
 
 def _on_hopper() -> bool:
-    """The default device is an sm_90 GPU (H100 / H200 / H800 / H20)."""
+    """The default device is an sm_90 GPU (H100 / H200 / H800 / H20). The default device,
+    not the arrays' (under jit they have none yet): a process mixing GPU kinds should name
+    the backend."""
     dev = jax.devices()[0]
     if dev.platform != "gpu":
         return False
@@ -67,10 +69,13 @@ def pick_lowering(backend: str, *, op: str, dtype, n: int, k: int, fused: bool,
     Triton lowering's) and the Triton lowering everywhere else, the interpreter included."""
     if backend != "auto":
         return resolve_backend(backend, mosaic_ready=True)
-    out_cols, reduction = (n, k) if op == "forward" else (k, n)
+    if op == "dW":  # output tiles over N and K (64 or 128 wide), reduction over rows
+        tiles_fit = n % 64 == 0 and k % 64 == 0
+    else:           # output columns N (forward) or K (dX), reduction over the other
+        out_cols, reduction = (n, k) if op == "forward" else (k, n)
+        tiles_fit = out_cols % 128 == 0 and reduction % 64 == 0
     mosaic = (op in MOSAIC_FASTER_OPS and not fused and not config_given and not interpret
-              and str(jnp.dtype(dtype)) in _MOSAIC_DTYPES and out_cols % 128 == 0
-              and reduction % 64 == 0 and _on_hopper())
+              and str(jnp.dtype(dtype)) in _MOSAIC_DTYPES and tiles_fit and _on_hopper())
     return "mosaic" if mosaic else "triton"
 
 

@@ -303,3 +303,29 @@ def test_foreign_slots_are_dropped_on_the_fused_path(monkeypatch):
     d = torch.randn(t, h, generator=gen)
     for a, b in zip(torch.autograd.grad(ours, inputs, d), torch.autograd.grad(ref, inputs, d)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_foreign_slots_with_non_finite_weights_contribute_nothing():
+    """A dropped slot's routing weight is never read: NaN or Inf there (a router may leave
+    anything in slots of other ranks' experts) must not reach the output or the gradients,
+    on the fused path and with a down bias."""
+    from test_triton_moe import eager_experts as eager  # ids outside [0, E) match nothing
+    gen = torch.Generator().manual_seed(5)
+    t, e, k, h, i = 6, 4, 2, 16, 8
+    hidden = torch.randn(t, h, generator=gen, requires_grad=True)
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).requires_grad_(True)
+    down = (torch.randn(e, h, i, generator=gen) / i**0.5).requires_grad_(True)
+    idx = torch.topk(torch.randn(t, e, generator=gen), k, dim=-1).indices
+    idx[0, 0], idx[3, 1] = -1, e
+    weights = torch.softmax(torch.randn(t, k, generator=gen), -1)
+    weights[0, 0], weights[3, 1] = float("nan"), float("inf")
+    weights.requires_grad_(True)
+    ref = eager(hidden, gate_up, down, idx, weights)
+    assert torch.isfinite(ref).all()
+    for kwargs in ({}, {"down_bias": torch.zeros(e, h)}):
+        out = triton_gg.moe_experts(hidden, gate_up, down, idx, weights, **kwargs)
+        assert torch.isfinite(out).all(), kwargs
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        grads = torch.autograd.grad(out.sum(), (hidden, gate_up, down, weights))
+        assert all(torch.isfinite(g).all() for g in grads), kwargs
+        assert grads[3][0, 0] == 0 and grads[3][3, 1] == 0

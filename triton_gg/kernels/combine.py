@@ -39,9 +39,11 @@ def _combine_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, out_ptr, TOPK, E, H: tl.
     for j in range(0, TOPK):
         routed = tokens.to(tl.int64) * TOPK + j
         p = tl.load(pos_ptr + routed, mask=t_mask, other=0).to(tl.int64)
-        w = tl.load(w_ptr + routed, mask=t_mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + p[:, None] * H + cols[None, :],
-                    mask=mask & (p < rows_written)[:, None], other=0.0)
+        written = p < rows_written
+        # a dropped slot's weight is not read either: w * 0 is NaN for a NaN / Inf weight
+        w = tl.load(w_ptr + routed, mask=t_mask & written, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + p[:, None] * H + cols[None, :], mask=mask & written[:, None],
+                    other=0.0)
         acc += w[:, None] * y.to(tl.float32)
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * H + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -178,6 +178,9 @@ def launch_route(topk_ids: torch.Tensor, num_experts: int, *, block: int | None 
     block = block or default_block(routed)
     if block < 2 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 2, got {block}")
+    if (num_experts + 2) * block > 2**30:  # sort keys id * BLOCK + row stay below 2**30
+        raise ValueError(f"block={block} with num_experts={num_experts}: the sort keys "
+                         f"(num_experts + 2) * block must stay below 2**30")
     num_blocks = triton.cdiv(routed, block)
     m_sizes = torch.empty(num_experts, dtype=torch.int32, device=device)  # the scan writes it
     scratch = torch.empty((2, num_blocks, bins), dtype=torch.int32, device=device)
