@@ -161,9 +161,11 @@ def test_block_fused_and_unfused_paths_agree():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_block_compiles_fullgraph():
+@pytest.mark.parametrize("act", [torch.nn.functional.silu, torch.nn.functional.gelu],
+                         ids=["fused_silu", "unfused_gelu"])
+def test_block_compiles_fullgraph(act):
     torch._dynamo.reset()
-    layer = triton_gg.MoEExperts(4, 16, 8)
+    layer = triton_gg.MoEExperts(4, 16, 8, act=act)
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(6, 16, generator=gen, requires_grad=True)
     idx = torch.randint(0, 4, (6, 2), generator=gen)
@@ -172,8 +174,9 @@ def test_block_compiles_fullgraph():
     eager = layer(hidden, idx, weights)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(hidden, idx, weights)
     torch.testing.assert_close(compiled, eager)
-    g1 = torch.autograd.grad(eager.sum(), (hidden, weights, layer.gate_up_proj))
-    g2 = torch.autograd.grad(compiled.sum(), (hidden, weights, layer.gate_up_proj))
+    params = (hidden, weights, layer.gate_up_proj, layer.down_proj)
+    g1 = torch.autograd.grad(eager.sum(), params)
+    g2 = torch.autograd.grad(compiled.sum(), params)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
 
@@ -329,3 +332,66 @@ def test_foreign_slots_with_non_finite_weights_contribute_nothing():
         grads = torch.autograd.grad(out.sum(), (hidden, gate_up, down, weights))
         assert all(torch.isfinite(g).all() for g in grads), kwargs
         assert grads[3][0, 0] == 0 and grads[3][3, 1] == 0
+
+
+def test_foreign_slots_are_dropped_on_the_unfused_path(monkeypatch):
+    """With a model's own activation and biases on both GEMMs (the unfused path: gpt-oss,
+    Nemotron-H), slots of other ranks' experts never reach a GEMM either: rows past
+    sum(m_sizes) stay unwritten (poisoned with NaN here) through the activation and the
+    backward, and the block matches an eager loop, every gradient included."""
+    gen = torch.Generator().manual_seed(21)
+    t, e, k, h, i = 9, 4, 3, 24, 8
+    act = torch.nn.functional.gelu
+    hidden = torch.randn(t, h, generator=gen, requires_grad=True)
+    gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).requires_grad_(True)
+    down = (torch.randn(e, h, i, generator=gen) / i**0.5).requires_grad_(True)
+    b1 = torch.randn(e, 2 * i, generator=gen).requires_grad_(True)
+    b2 = torch.randn(e, h, generator=gen).requires_grad_(True)
+    idx = torch.topk(torch.randn(t, e, generator=gen), k, dim=-1).indices
+    idx[::2, 0] = e
+    idx[1, 1] = -1
+    idx[4] = e + 3                                          # a token with no local expert
+    weights = torch.softmax(torch.randn(t, k, generator=gen), -1).requires_grad_(True)
+    inputs = (hidden, gate_up, down, b1, b2, weights)
+    valid = int(((idx >= 0) & (idx < e)).sum())
+
+    def eager():
+        out = hidden * 0.0
+        for ex in range(e):
+            token, slot = torch.nonzero(idx == ex, as_tuple=True)
+            if token.numel():
+                gate, up = (hidden[token] @ gate_up[ex].T + b1[ex]).chunk(2, dim=-1)
+                y = (act(gate) * up) @ down[ex].T + b2[ex]
+                out = out.index_add(0, token, y * weights[token, slot, None])
+        return out
+
+    seen = []
+    real_gather_gemm, real_forward, real_dx = (_block_ops.gather_gemm_impl, _ops.forward_impl,
+                                               _ops.dx_impl)
+
+    def poisoned_gather_gemm(x, w, m_sizes, gather, topk, permute_x, cfg):
+        seen.append(int(m_sizes.sum()))
+        h_ = real_gather_gemm(x, w, m_sizes, gather, topk, permute_x, cfg)
+        h_[valid:] = float("nan")
+        return h_
+
+    def poisoned_forward(*args):
+        y_, y_unweighted = real_forward(*args)
+        y_[valid:] = float("nan")
+        return y_, y_unweighted
+
+    def poisoned_dx(*args):
+        dx = real_dx(*args)
+        dx[valid:] = float("nan")
+        return dx
+    monkeypatch.setattr(_block_ops, "gather_gemm_impl", poisoned_gather_gemm)
+    monkeypatch.setattr(_ops, "forward_impl", poisoned_forward)
+    monkeypatch.setattr(_ops, "dx_impl", poisoned_dx)
+    ours = triton_gg.moe_experts(hidden, gate_up, down, idx, weights, gate_up_bias=b1,
+                                 down_bias=b2, act=act)
+    assert seen == [valid]
+    ref = eager()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    d = torch.randn(t, h, generator=gen)
+    for a, b in zip(torch.autograd.grad(ours, inputs, d), torch.autograd.grad(ref, inputs, d)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -144,6 +144,70 @@ def swiglu_gemm(*inputs) -> torch.Tensor:
     return _EagerSwigluGemm.apply(*inputs)
 
 
+# ---------------------------------------------------------------------------- gather_gemm
+
+def gather_gemm_impl(x, w, m_sizes, gather, topk, permute_x, forward_config):
+    return _ops.forward_impl(x, w, m_sizes, gather, None, topk, permute_x, False, False, False,
+                             forward_config)[0]
+
+
+@torch.library.custom_op("triton_gg::gather_gemm", mutates_args=())
+def gather_gemm_op(x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
+                   gather: torch.Tensor | None, topk: int, permute_x: bool,
+                   forward_config: list[int], dx_config: list[int],
+                   dw_config: list[int]) -> torch.Tensor:
+    """H [M, N] = X[gather // topk] @ W[e].T in expert order (the first GEMM of a block whose
+    activation runs outside it); dx/dw configs ride along."""
+    return gather_gemm_impl(x, w, m_sizes, gather, topk, permute_x, forward_config)
+
+
+@gather_gemm_op.register_fake
+def _(x, w, m_sizes, gather, topk, permute_x, forward_config, dx_config, dw_config):
+    return x.new_empty((gather.shape[0] if permute_x else x.shape[0], w.shape[1]))
+
+
+def _gather_gemm_setup(ctx, inputs, output):
+    x, w, m_sizes, gather, topk, permute_x, _, dx_config, dw_config = inputs
+    ctx.topk, ctx.permute_x = topk, permute_x
+    ctx.dx_config, ctx.dw_config = dx_config, dw_config
+    ctx.save_for_backward(x, w, m_sizes, gather)
+
+
+def _gather_gemm_backward(ctx, grad_h, *, run_dx=_ops.dx_op, run_dw=_ops.dw_op,
+                          run_combine=None):
+    """The backward of the fused path's first GEMM without its activation: rows past
+    sum(m_sizes) (dropped slots) are neither read nor needed."""
+    x, w, m_sizes, gather = ctx.saved_tensors
+    return _dx_dw(ctx, grad_h.contiguous(), x, w, m_sizes, gather, run_dx=run_dx,
+                  run_dw=run_dw, run_combine=run_combine or combine_op)
+
+
+gather_gemm_op.register_autograd(_gather_gemm_backward, setup_context=_gather_gemm_setup)
+
+
+class _EagerGatherGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        h = gather_gemm_impl(*inputs[:7])
+        _gather_gemm_setup(ctx, inputs, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        return _gather_gemm_backward(ctx, grad_h, run_dx=_ops.dx_impl, run_dw=_ops.dw_impl,
+                                     run_combine=combine_impl)
+
+
+def gather_gemm(*inputs) -> torch.Tensor:
+    """Differentiable H of the first GEMM (gather on load, expert order) whose backward
+    sums dX per token with the combine pass, like ``swiglu_gemm``'s: the block can drop
+    routing slots (rows past sum(m_sizes) are never written or read) on this path too.
+    Inputs as gather_gemm_op's."""
+    if torch.compiler.is_compiling():
+        return gather_gemm_op(*inputs)
+    return _EagerGatherGemm.apply(*inputs)
+
+
 # ---------------------------------------------------------------------------- combine
 
 def combine_impl(y, weights, pos, m_sizes, topk):

@@ -10,12 +10,12 @@ each, are skipped. Every step is differentiable (hidden, both weight tensors, th
 the routing weights get gradients).
 
 Slots whose expert id lies outside [0, E) contribute nothing (the convention of transformers'
-expert parallelism, whose dispatcher marks tokens of other ranks' experts with such ids): their
-routing weight is replaced by zero. On the fused SiLU-gate path they are dropped (routed past
-sum(m_sizes): no GEMM computes them, the combine passes skip them), so an expert-parallel
-rank's GEMMs run only its own experts' rows (the elementwise passes, the SwiGLU backward and
-dW's gathered copy of X, still cover all T*k rows); on the unfused path (a model's own gate,
-a bias on the first GEMM) they still run on expert 0 and are discarded. No host check.
+expert parallelism, whose dispatcher marks tokens of other ranks' experts with such ids): they
+are dropped (routed past sum(m_sizes): no GEMM computes or reads their rows, the combine
+passes skip them and never read their routing weights), so an expert-parallel rank's GEMMs
+run only its own experts' rows, with the fused SiLU gate and with a model's own gate or a
+first-GEMM bias alike (the elementwise passes, the activation's backward and dW's gathered
+copy of X still cover all T*k rows). No host check.
 """
 
 from __future__ import annotations
@@ -66,18 +66,25 @@ def _check_block(hidden, w1, w2, top_k_index, top_k_weights, b1, b2, names):
             _fail(f"{name} must be [E, N] = {want}, got {tuple(bias.shape)}")
 
 
-def _mask_foreign_slots(top_k_index, top_k_weights, num_experts, *, drop: bool):
-    """Ids outside [0, E) get routing weight 0 and the id E (drop: ``route`` leaves them out
-    of m_sizes and sorts them last, so no GEMM computes them) or 0 (computed on expert 0
-    and discarded: for the paths whose backward cannot skip rows yet)."""
+def _mask_foreign_slots(top_k_index, top_k_weights, num_experts):
+    """Ids outside [0, E) get routing weight 0 and the id E (``route`` leaves them out of
+    m_sizes and sorts them last, so no GEMM computes them)."""
     valid = (top_k_index >= 0) & (top_k_index < num_experts)
-    index = torch.where(valid, top_k_index,
-                        torch.full_like(top_k_index, num_experts if drop else 0))
+    index = torch.where(valid, top_k_index, torch.full_like(top_k_index, num_experts))
     weights = torch.where(valid, top_k_weights, torch.zeros_like(top_k_weights))
     return index, weights
 
 
 _inverse = _block_ops.inverse_permutation
+
+
+def _bias_rows(b1, index, gather, num_experts):
+    """b1 [E, N] of the expert of each expert-order position (the sorted ids); zeros at the
+    positions of dropped slots, so their (unwritten) rows put no gradient into b1."""
+    ids = index.reshape(-1)[gather.long()]
+    own = (ids >= 0) & (ids < num_experts)
+    rows = b1[ids.clamp(0, num_experts - 1)]
+    return torch.where(own[:, None], rows, torch.zeros((), dtype=b1.dtype, device=b1.device))
 
 
 def _swiglu_forward_config(x, w1, m_sizes, gather, topk, dims, autotune):
@@ -93,13 +100,17 @@ def _swiglu_forward_config(x, w1, m_sizes, gather, topk, dims, autotune):
         run, x.device, permute_x=True)
 
 
-def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune):
-    """Forward / dX / dW configs of the fused SwiGLU GEMM (permute_x), tuned (autotune) or
-    default."""
+def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune, *, swiglu: bool):
+    """Forward / dX / dW configs of the first GEMM (permute_x; with its SiLU-gate epilogue
+    or without), tuned (autotune) or default."""
     dims = v.check_forward(x, w1, m_sizes, gather, topk, permute_x=True, permute_y=False,
                            topk_weights=None, fuse_mul_post=False, config=None)
     dx_cfg = dw_cfg = None
-    forward_cfg = _swiglu_forward_config(x, w1, m_sizes, gather, topk, dims, autotune)
+    if swiglu:
+        forward_cfg = _swiglu_forward_config(x, w1, m_sizes, gather, topk, dims, autotune)
+    else:
+        forward_cfg = api._forward_config(None, autotune, dims, x, w1, m_sizes, gather, topk,
+                                          True, False, None, False)
     if autotune:
         dx_cfg, dw_cfg = api._backward_configs(None, None, dims, x, w1, m_sizes, gather, topk,
                                                True, False)
@@ -138,16 +149,14 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     x = hidden.to(w1.dtype)
     fused_gate = mid is None and b1 is None
     # routing weights keep their dtype (fp32 from most routers): combine reads them in fp32.
-    # Foreign slots are dropped on the fused path (its backward sums dX through the
-    # combine pass, which skips unwritten rows); the unfused path's generic permute_x
-    # backward needs every row written, so there they run on expert 0 with weight 0.
-    if fused_gate and b2 is None:
-        # nothing to mask: route counts foreign ids for no expert and sorts them past
-        # sum(m_sizes), where the combine passes skip them (their weight's gradient is 0)
+    # Foreign slots are dropped: route counts their ids for no expert and sorts them past
+    # sum(m_sizes); no GEMM writes or reads those rows, the combine passes skip them (their
+    # weight's gradient is 0) and the first GEMM's dX is summed per token by the combine
+    # pass too. Only the down bias, which rides the routing weights, needs them masked.
+    if b2 is None:
         index, weights = top_k_index, top_k_weights
     else:
-        index, weights = _mask_foreign_slots(top_k_index, top_k_weights, num_experts,
-                                             drop=fused_gate)
+        index, weights = _mask_foreign_slots(top_k_index, top_k_weights, num_experts)
     if mid is None and not fused_gate:
         mid = silu_gate()
     if fused_gate and w1.shape[1] != 2 * w2.shape[2]:
@@ -158,12 +167,17 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         if fused_gate:
             a = _block_ops.swiglu_gemm(
                 x, w1, m_sizes, gather, topk, True,
-                *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune))   # [M, I]
+                *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune,
+                                     swiglu=True))                            # [M, I]
         else:
-            h = grouped_gemm(x, w1, m_sizes, gather, topk, permute_x=True,
-                             autotune=autotune)                               # [M, N1]
-            if b1 is not None:  # expert of each expert-order position: the sorted ids
-                h = h + b1.to(h.dtype)[index.reshape(-1)[gather.long()]]
+            # rows past sum(m_sizes) (dropped slots) stay unwritten through mid: nothing
+            # downstream reads them
+            h = _block_ops.gather_gemm(
+                x, w1, m_sizes, gather, topk, True,
+                *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune,
+                                     swiglu=False))                           # [M, N1]
+            if b1 is not None:
+                h = h + _bias_rows(b1.to(h.dtype), index, gather, num_experts)
             a = mid(h)                                                        # [M, I]
         if a.ndim != 2 or a.shape[0] != gather.shape[0] or a.shape[1] != w2.shape[2]:
             _fail(f"the activation/gate gives {tuple(a.shape)} rows, but {names[1]} "
