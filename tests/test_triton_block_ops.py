@@ -257,6 +257,40 @@ def test_combine_skips_rows_past_the_routed_ones():
     assert torch.all(gw[dropped] == 0)
 
 
+def _poison_rows_past(monkeypatch, valid: int, first_gemm: str) -> list:
+    """NaN in every row past `valid` that the block's GEMMs leave unwritten (dropped
+    slots): the first GEMM's outputs (`first_gemm`: swiglu_gemm_impl or gather_gemm_impl),
+    the second GEMM's Y and both backward dX. Returns the list of sum(m_sizes) the first
+    GEMM saw."""
+    seen = []
+    real_first, real_forward, real_dx = (getattr(_block_ops, first_gemm), _ops.forward_impl,
+                                         _ops.dx_impl)
+
+    def poisoned(rows):
+        for r in rows:
+            r[valid:] = float("nan")
+
+    def first(x, w, m_sizes, gather, topk, permute_x, cfg):
+        seen.append(int(m_sizes.sum()))
+        out = real_first(x, w, m_sizes, gather, topk, permute_x, cfg)
+        poisoned(out if isinstance(out, tuple) else (out,))
+        return out
+
+    def forward(*args):
+        y_, y_unweighted = real_forward(*args)
+        poisoned((y_,))
+        return y_, y_unweighted
+
+    def dx(*args):
+        d = real_dx(*args)
+        poisoned((d,))
+        return d
+    monkeypatch.setattr(_block_ops, first_gemm, first)
+    monkeypatch.setattr(_ops, "forward_impl", forward)
+    monkeypatch.setattr(_ops, "dx_impl", dx)
+    return seen
+
+
 def test_foreign_slots_are_dropped_on_the_fused_path(monkeypatch):
     """Ids outside [0, E) never reach a GEMM on the fused path (m_sizes counts only the
     others), the rows the GEMMs leave unwritten are never read (poisoned with NaN here),
@@ -274,30 +308,7 @@ def test_foreign_slots_are_dropped_on_the_fused_path(monkeypatch):
     weights = torch.softmax(torch.randn(t, k, generator=gen), -1).requires_grad_(True)
     inputs = (hidden, gate_up, down, weights)
     valid = int(((idx >= 0) & (idx < e)).sum())
-    seen = []
-    real_swiglu = _block_ops.swiglu_gemm_impl
-    real_forward = _ops.forward_impl
-
-    def poisoned_swiglu(x, w, m_sizes, gather, topk, permute_x, cfg):
-        seen.append(int(m_sizes.sum()))
-        h_, a_ = real_swiglu(x, w, m_sizes, gather, topk, permute_x, cfg)
-        h_[valid:] = float("nan")
-        a_[valid:] = float("nan")
-        return h_, a_
-
-    def poisoned_forward(*args):
-        y_, y_unweighted = real_forward(*args)
-        y_[valid:] = float("nan")
-        return y_, y_unweighted
-    real_dx = _ops.dx_impl
-
-    def poisoned_dx(*args):  # both dX kernels of the backward leave rows past `valid`
-        dx = real_dx(*args)
-        dx[valid:] = float("nan")
-        return dx
-    monkeypatch.setattr(_block_ops, "swiglu_gemm_impl", poisoned_swiglu)
-    monkeypatch.setattr(_ops, "forward_impl", poisoned_forward)
-    monkeypatch.setattr(_ops, "dx_impl", poisoned_dx)
+    seen = _poison_rows_past(monkeypatch, valid, "swiglu_gemm_impl")
     ours = triton_gg.moe_experts(hidden, gate_up, down, idx, weights)
     assert seen == [valid]
     ref = eager(hidden, gate_up, down, idx, weights)
@@ -365,28 +376,7 @@ def test_foreign_slots_are_dropped_on_the_unfused_path(monkeypatch):
                 out = out.index_add(0, token, y * weights[token, slot, None])
         return out
 
-    seen = []
-    real_gather_gemm, real_forward, real_dx = (_block_ops.gather_gemm_impl, _ops.forward_impl,
-                                               _ops.dx_impl)
-
-    def poisoned_gather_gemm(x, w, m_sizes, gather, topk, permute_x, cfg):
-        seen.append(int(m_sizes.sum()))
-        h_ = real_gather_gemm(x, w, m_sizes, gather, topk, permute_x, cfg)
-        h_[valid:] = float("nan")
-        return h_
-
-    def poisoned_forward(*args):
-        y_, y_unweighted = real_forward(*args)
-        y_[valid:] = float("nan")
-        return y_, y_unweighted
-
-    def poisoned_dx(*args):
-        dx = real_dx(*args)
-        dx[valid:] = float("nan")
-        return dx
-    monkeypatch.setattr(_block_ops, "gather_gemm_impl", poisoned_gather_gemm)
-    monkeypatch.setattr(_ops, "forward_impl", poisoned_forward)
-    monkeypatch.setattr(_ops, "dx_impl", poisoned_dx)
+    seen = _poison_rows_past(monkeypatch, valid, "gather_gemm_impl")
     ours = triton_gg.moe_experts(hidden, gate_up, down, idx, weights, gate_up_bias=b1,
                                  down_bias=b2, act=act)
     assert seen == [valid]
