@@ -11,11 +11,14 @@ Public API:
 * ``tune``: autotune and cache the configs of one problem;
 * ``ForwardConfig``, ``DXConfig``, ``DWConfig``: the kernel configs (from ``gg_spec``).
 
-Every function takes ``backend="auto" | "mosaic" | "triton"``. ``"auto"`` picks Pallas' Triton
-lowering; the Mosaic GPU lowering (``pallas_gg.mosaic_lowering``, Hopper: TMA + wgmma over a
-device-built tile schedule) runs the direct forward and dX in bf16/fp16 so far and raises
-NotImplementedError elsewhere. Without a GPU the kernels run in Pallas interpret mode
-(Mosaic GPU's interpreter for the Mosaic kernels).
+Every function takes ``backend="auto" | "mosaic" | "triton"``. ``"auto"`` picks, per GEMM, the
+Mosaic GPU lowering where it measured faster on Hopper (none so far:
+``pallas_gg._backend.MOSAIC_FASTER_OPS``) and Pallas' Triton lowering elsewhere; the Mosaic
+GPU lowering (``pallas_gg.mosaic_lowering``, Hopper: TMA + wgmma over a device-built tile
+schedule, warp-specialized where the tile allows) runs forward, dX, dW, the differentiable
+op, routing and the expert block in bf16/fp16, and raises NotImplementedError for
+``ragged_dot`` and ``tune``. Without a GPU the kernels run in Pallas interpret mode (Mosaic
+GPU's interpreter for the Mosaic kernels).
 """
 
 from gg_spec import DWConfig, DXConfig, ForwardConfig

@@ -1,11 +1,13 @@
-"""pallas_gg on Pallas' Mosaic GPU lowering (Hopper: TMA, wgmma), work in progress.
+"""pallas_gg on Pallas' Mosaic GPU lowering (Hopper: TMA, wgmma, warp specialization).
 
 What exists: ``grouped_matmul``, a persistent grouped GEMM over a tile schedule built on the
 device once per routing (``schedule.tile_schedule``), which runs the forward
-(Y = X @ W[e].T) and dX (dX = dY @ W[e]); ``grouped_dw``, dW ragged along the reduction
-(``dw.py``); the contract's fusions as gather/scatter passes around them (``ops``), which
+(Y = X @ W[e].T) and dX (dX = dY @ W[e]) and stores the zero rows past sum(m_sizes) itself;
+its warp-specialized form (``matmul_ws.py``: a memory warpgroup feeding two compute
+warpgroups, ``MosaicConfig(compute_wgs=2)``); ``grouped_dw``, dW ragged along the reduction
+(``dw.py``); the contract's fusions as gather passes around them (``ops``), which
 ``pallas_gg.grouped_gemm(..., backend="mosaic")`` differentiates. Not yet: fused row
-gathers, two-warpgroup tiles, tuning, ragged_dot / tune on this lowering (they raise
+gathers, a warp-specialized dW, tuning, ragged_dot / tune on this lowering (they raise
 NotImplementedError).
 """
 
