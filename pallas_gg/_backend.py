@@ -37,11 +37,11 @@ def quiet_triton_deprecation():
 
 # The unfused ops in which the Mosaic GPU lowering measured faster than the Triton lowering
 # on Hopper with default tiles: "auto" picks Mosaic for these. None so far (benchmarks/
-# NOTES.md step 12, H200): with balanced routing Mosaic's forward and dX ran 1.03-1.10x the
-# Triton lowering on three of the four shapes, but in `python -m benchmarks` (random
-# routing, the Triton lowering tuned) 0.88-1.00x forward, 0.92-0.98x dX, 0.8x dW. The fused
-# forms (permute_x / permute_y / fuse_mul_post) run on Mosaic as separate gather passes,
-# slower than the Triton lowering's fused row loads.
+# NOTES.md step 12, H200): with balanced routing Mosaic's forward ran 1.03-1.09x the Triton
+# lowering on the Qwen3 shapes and its dX 1.01-1.06x on three shapes, but in `python -m
+# benchmarks` (random routing, the Triton lowering tuned) 0.88-1.00x forward, 0.92-0.98x
+# dX, 0.8x dW. The fused forms (permute_x / permute_y / fuse_mul_post) run on Mosaic as
+# separate gather passes, slower than the Triton lowering's fused row loads.
 MOSAIC_FASTER_OPS: frozenset[str] = frozenset()
 _MOSAIC_DTYPES = ("bfloat16", "float16")
 
