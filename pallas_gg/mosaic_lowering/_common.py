@@ -15,6 +15,17 @@ def smem_transforms(minor: int, dtype):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+def run_persistent(body, out_type, args, *, num_sms: int, interpret, num_threads=None):
+    """body as a persistent kernel: one program per SM (grid axis "sm"), Warpgroup
+    semantics, with `num_threads` warpgroups (axis "wg") where given; launched on args."""
+    threads = {} if num_threads is None else {"num_threads": num_threads, "thread_name": "wg"}
+    kernel = plgpu.kernel(
+        body, out_type=out_type, grid=(num_sms,), grid_names=("sm",), **threads,
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    return launch(kernel, args, interpret)
+
+
 def launch(kernel, args, interpret):
     """kernel(*args), compiled for the GPU (interpret=False) or run by Mosaic GPU's
     interpreter on any device (True, or a ``plgpu.InterpretGPUParams``: e.g. its race

@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_gg.mosaic_lowering._common import launch, smem_transforms
+from pallas_gg.mosaic_lowering._common import run_persistent, smem_transforms
 from pallas_gg.mosaic_lowering.matmul import MosaicConfig
 
 
@@ -119,12 +119,6 @@ def grouped_dw(x: jax.Array, dy: jax.Array, m_sizes: jax.Array, *,
                     o_smem, out_gmem.at[e, pl.ds(ni * bm, bm), pl.ds(ki * bn, bn)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((num_experts, n, k), x.dtype),
-        grid=(config.num_sms,),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )
-    return launch(kernel, (starts, ends, slice_start, num_slices, x, dy), interpret)
+    return run_persistent(body, jax.ShapeDtypeStruct((num_experts, n, k), x.dtype),
+                          (starts, ends, slice_start, num_slices, x, dy),
+                          num_sms=config.num_sms, interpret=interpret)

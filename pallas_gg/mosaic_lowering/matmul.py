@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_gg.mosaic_lowering._common import launch
+from pallas_gg.mosaic_lowering._common import run_persistent
 from pallas_gg.mosaic_lowering.schedule import tile_schedule
 
 
@@ -154,13 +154,6 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
                             rows, min(bm, m))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), lhs.dtype),
-        grid=(cfg.num_sms,),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )
-    return launch(kernel, (sched.expert, sched.block, sched.start, sched.rows, lhs, rhs),
-                  interpret)
+    return run_persistent(body, jax.ShapeDtypeStruct((m, n), lhs.dtype),
+                          (sched.expert, sched.block, sched.start, sched.rows, lhs, rhs),
+                          num_sms=cfg.num_sms, interpret=interpret)

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_gg.mosaic_lowering._common import launch, smem_transforms
+from pallas_gg.mosaic_lowering._common import run_persistent, smem_transforms
 from pallas_gg.mosaic_lowering.matmul import MosaicConfig, _check, store_row_range
 from pallas_gg.mosaic_lowering.schedule import tile_schedule
 
@@ -133,15 +133,7 @@ def grouped_matmul_ws(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), lhs.dtype),
-        grid=(cfg.num_sms,),
-        grid_names=("sm",),
-        num_threads=NUM_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )
-    return launch(kernel, (sched.expert, sched.block, sched.start, sched.rows, lhs, rhs),
-                  interpret)
+    return run_persistent(body, jax.ShapeDtypeStruct((m, n), lhs.dtype),
+                          (sched.expert, sched.block, sched.start, sched.rows, lhs, rhs),
+                          num_sms=cfg.num_sms, interpret=interpret,
+                          num_threads=NUM_COMPUTE_WGS + 1)
