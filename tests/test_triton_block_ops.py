@@ -128,14 +128,21 @@ def test_combine_backward_without_weight_gradient_writes_every_row():
     assert torch.isfinite(gy).all()
 
 
-def test_block_fused_and_unfused_paths_agree():
-    """SiLU passed as the module's act takes the fused gate; any other callable the unfused
-    chunk/act/mul; for SiLU both must give the same block (values and gradients)."""
-    gen = torch.Generator().manual_seed(4)
-    t, e, k, h, i = 10, 4, 2, 24, 12
+def _block_weights(seed, t, e, h, i):
+    """(generator, hidden [t, h], gate_up [e, 2i, h], down [e, h, i]), all requiring grad,
+    drawn in this order from one seeded generator (callers draw routing from it next)."""
+    gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(t, h, generator=gen, requires_grad=True)
     gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).requires_grad_(True)
     down = (torch.randn(e, h, i, generator=gen) / i**0.5).requires_grad_(True)
+    return gen, hidden, gate_up, down
+
+
+def test_block_fused_and_unfused_paths_agree():
+    """SiLU passed as the module's act takes the fused gate; any other callable the unfused
+    chunk/act/mul; for SiLU both must give the same block (values and gradients)."""
+    t, e, k, h, i = 10, 4, 2, 24, 12
+    gen, hidden, gate_up, down = _block_weights(4, t, e, h, i)
     idx = torch.topk(torch.randn(t, e, generator=gen), k, dim=-1).indices
     weights = torch.rand(t, k, generator=gen, requires_grad=True)
     inputs = (hidden, gate_up, down, weights)
@@ -296,11 +303,8 @@ def test_foreign_slots_are_dropped_on_the_fused_path(monkeypatch):
     others), the rows the GEMMs leave unwritten are never read (poisoned with NaN here),
     and the block matches the eager loop, gradients included."""
     from test_triton_moe import eager_experts as eager  # ids outside [0, E) match nothing
-    gen = torch.Generator().manual_seed(12)
     t, e, k, h, i = 9, 4, 3, 24, 8
-    hidden = torch.randn(t, h, generator=gen, requires_grad=True)
-    gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).requires_grad_(True)
-    down = (torch.randn(e, h, i, generator=gen) / i**0.5).requires_grad_(True)
+    gen, hidden, gate_up, down = _block_weights(12, t, e, h, i)
     idx = torch.topk(torch.randn(t, e, generator=gen), k, dim=-1).indices
     idx[::2, 0] = e
     idx[1, 1] = -1
@@ -324,11 +328,8 @@ def test_foreign_slots_with_non_finite_weights_contribute_nothing():
     anything in slots of other ranks' experts) must not reach the output or the gradients,
     on the fused path and with a down bias."""
     from test_triton_moe import eager_experts as eager  # ids outside [0, E) match nothing
-    gen = torch.Generator().manual_seed(5)
     t, e, k, h, i = 6, 4, 2, 16, 8
-    hidden = torch.randn(t, h, generator=gen, requires_grad=True)
-    gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).requires_grad_(True)
-    down = (torch.randn(e, h, i, generator=gen) / i**0.5).requires_grad_(True)
+    gen, hidden, gate_up, down = _block_weights(5, t, e, h, i)
     idx = torch.topk(torch.randn(t, e, generator=gen), k, dim=-1).indices
     idx[0, 0], idx[3, 1] = -1, e
     weights = torch.softmax(torch.randn(t, k, generator=gen), -1)
@@ -350,12 +351,9 @@ def test_foreign_slots_are_dropped_on_the_unfused_path(monkeypatch):
     Nemotron-H), slots of other ranks' experts never reach a GEMM either: rows past
     sum(m_sizes) stay unwritten (poisoned with NaN here) through the activation and the
     backward, and the block matches an eager loop, every gradient included."""
-    gen = torch.Generator().manual_seed(21)
     t, e, k, h, i = 9, 4, 3, 24, 8
     act = torch.nn.functional.gelu
-    hidden = torch.randn(t, h, generator=gen, requires_grad=True)
-    gate_up = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).requires_grad_(True)
-    down = (torch.randn(e, h, i, generator=gen) / i**0.5).requires_grad_(True)
+    gen, hidden, gate_up, down = _block_weights(21, t, e, h, i)
     b1 = torch.randn(e, 2 * i, generator=gen).requires_grad_(True)
     b2 = torch.randn(e, h, generator=gen).requires_grad_(True)
     idx = torch.topk(torch.randn(t, e, generator=gen), k, dim=-1).indices
