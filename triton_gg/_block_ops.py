@@ -36,22 +36,25 @@ def swiglu_gemm_impl(x, w, m_sizes, gather, topk, permute_x, forward_config):
 def swiglu_gemm_op(x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
                    gather: torch.Tensor | None, topk: int, permute_x: bool,
                    forward_config: list[int], dx_config: list[int],
-                   dw_config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H [M, 2I], A = silu(H[:, :I]) * H[:, I:] [M, I]); dx/dw configs ride along."""
+                   dw_config: list[int], pos: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H [M, 2I], A = silu(H[:, :I]) * H[:, I:] [M, I]); dx/dw configs and the positions
+    (inverse of gather, from the routing: the backward's combine pass reads them) ride
+    along."""
     return swiglu_gemm_impl(x, w, m_sizes, gather, topk, permute_x, forward_config)
 
 
 @swiglu_gemm_op.register_fake
-def _(x, w, m_sizes, gather, topk, permute_x, forward_config, dx_config, dw_config):
+def _(x, w, m_sizes, gather, topk, permute_x, forward_config, dx_config, dw_config, pos=None):
     m = gather.shape[0] if permute_x else x.shape[0]
     return x.new_empty((m, w.shape[1])), x.new_empty((m, w.shape[1] // 2))
 
 
 def _swiglu_setup(ctx, inputs, output):
-    x, w, m_sizes, gather, topk, permute_x, _, dx_config, dw_config = inputs
+    x, w, m_sizes, gather, topk, permute_x, _, dx_config, dw_config, pos = _padded(inputs)
     ctx.topk, ctx.permute_x, ctx.tokens = topk, permute_x, x.shape[0]
-    ctx.dx_config, ctx.dw_config = dx_config, dw_config
-    ctx.save_for_backward(x, w, m_sizes, gather, output[0])
+    ctx.dx_config, ctx.dw_config, ctx.num_inputs = dx_config, dw_config, len(inputs)
+    ctx.save_for_backward(x, w, m_sizes, gather, pos, output[0])
 
 
 def swiglu_backward_impl(h, da):
@@ -75,11 +78,11 @@ def _swiglu_backward(ctx, grad_h, grad_a, *, run_dx=_ops.dx_op, run_dw=_ops.dw_o
                      run_act=swiglu_backward_op):
     """The registered (traceable) backward runs custom ops; the eager Function passes the
     plain implementations."""
-    x, w, m_sizes, gather, h = ctx.saved_tensors
+    x, w, m_sizes, gather, pos, h = ctx.saved_tensors
     dh = run_act(h, grad_a) if grad_a is not None else torch.zeros_like(h)
     if grad_h is not None:
         dh = dh + grad_h
-    return _dx_dw(ctx, dh, x, w, m_sizes, gather, run_dx=run_dx, run_dw=run_dw,
+    return _dx_dw(ctx, dh, x, w, m_sizes, gather, pos, run_dx=run_dx, run_dw=run_dw,
                   run_combine=combine_op)
 
 
@@ -91,7 +94,14 @@ def inverse_permutation(gather: torch.Tensor) -> torch.Tensor:
     return pos
 
 
-def _dx_dw(ctx, dh, x, w, m_sizes, gather, *, run_dx, run_dw, run_combine):
+def _padded(inputs):
+    """The ops' inputs with the optional trailing pos (None when not given)."""
+    return tuple(inputs) + (None,) * (10 - len(inputs))
+
+
+def _dx_dw(ctx, dh, x, w, m_sizes, gather, pos, *, run_dx, run_dw, run_combine):
+    """(dX, dW, None...) of the first GEMM from dH; pos (the routing's inverse of gather)
+    is recomputed only where the caller had none."""
     d_x = d_w = None
     if ctx.needs_input_grad[1]:  # first: its gathered copy of X is freed before dX allocates
         d_w = _ops.dw_with_gather(run_dw, x, dh, m_sizes, gather, ctx.topk, ctx.permute_x,
@@ -103,8 +113,10 @@ def _dx_dw(ctx, dh, x, w, m_sizes, gather, *, run_dx, run_dw, run_combine):
         d_x = run_dx(dh, w, m_sizes, gather, ctx.topk, False, False, ctx.dx_config)
         if ctx.permute_x:
             ones = torch.ones(gather.shape[0], dtype=torch.float32, device=d_x.device)
-            d_x = run_combine(d_x, ones, inverse_permutation(gather), m_sizes, ctx.topk)
-    return (d_x, d_w) + (None,) * 7
+            if pos is None:
+                pos = inverse_permutation(gather)
+            d_x = run_combine(d_x, ones, pos, m_sizes, ctx.topk)
+    return (d_x, d_w) + (None,) * (ctx.num_inputs - 2)
 
 
 swiglu_gemm_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
@@ -121,19 +133,16 @@ class _EagerSwigluGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        x, w, m_sizes, gather, topk, permute_x, _, dx_config, dw_config = inputs
         h, a = swiglu_gemm_impl(*inputs[:6], inputs[6])
-        ctx.topk, ctx.permute_x, ctx.tokens = topk, permute_x, x.shape[0]
-        ctx.dx_config, ctx.dw_config = dx_config, dw_config
-        ctx.save_for_backward(x, w, m_sizes, gather, h)
+        _swiglu_setup(ctx, inputs, (h, a))
         return a
 
     @staticmethod
     def backward(ctx, grad_a):
-        x, w, m_sizes, gather, h = ctx.saved_tensors
+        x, w, m_sizes, gather, pos, h = ctx.saved_tensors
         dh = launch_swiglu_backward(h, grad_a.contiguous(), h)  # in place: dH over H
         torch.autograd.graph.increment_version(h)  # the kernel's write, made visible
-        return _dx_dw(ctx, dh, x, w, m_sizes, gather, run_dx=_ops.dx_impl,
+        return _dx_dw(ctx, dh, x, w, m_sizes, gather, pos, run_dx=_ops.dx_impl,
                       run_dw=_ops.dw_impl, run_combine=combine_impl)
 
 
@@ -155,30 +164,30 @@ def gather_gemm_impl(x, w, m_sizes, gather, topk, permute_x, forward_config):
 def gather_gemm_op(x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor,
                    gather: torch.Tensor | None, topk: int, permute_x: bool,
                    forward_config: list[int], dx_config: list[int],
-                   dw_config: list[int]) -> torch.Tensor:
+                   dw_config: list[int], pos: torch.Tensor | None = None) -> torch.Tensor:
     """H [M, N] = X[gather // topk] @ W[e].T in expert order (the first GEMM of a block whose
-    activation runs outside it); dx/dw configs ride along."""
+    activation runs outside it); dx/dw configs and the positions ride along."""
     return gather_gemm_impl(x, w, m_sizes, gather, topk, permute_x, forward_config)
 
 
 @gather_gemm_op.register_fake
-def _(x, w, m_sizes, gather, topk, permute_x, forward_config, dx_config, dw_config):
+def _(x, w, m_sizes, gather, topk, permute_x, forward_config, dx_config, dw_config, pos=None):
     return x.new_empty((gather.shape[0] if permute_x else x.shape[0], w.shape[1]))
 
 
 def _gather_gemm_setup(ctx, inputs, output):
-    x, w, m_sizes, gather, topk, permute_x, _, dx_config, dw_config = inputs
+    x, w, m_sizes, gather, topk, permute_x, _, dx_config, dw_config, pos = _padded(inputs)
     ctx.topk, ctx.permute_x = topk, permute_x
-    ctx.dx_config, ctx.dw_config = dx_config, dw_config
-    ctx.save_for_backward(x, w, m_sizes, gather)
+    ctx.dx_config, ctx.dw_config, ctx.num_inputs = dx_config, dw_config, len(inputs)
+    ctx.save_for_backward(x, w, m_sizes, gather, pos)
 
 
 def _gather_gemm_backward(ctx, grad_h, *, run_dx=_ops.dx_op, run_dw=_ops.dw_op,
                           run_combine=None):
     """The backward of the fused path's first GEMM without its activation: rows past
     sum(m_sizes) (dropped slots) are neither read nor needed."""
-    x, w, m_sizes, gather = ctx.saved_tensors
-    return _dx_dw(ctx, grad_h.contiguous(), x, w, m_sizes, gather, run_dx=run_dx,
+    x, w, m_sizes, gather, pos = ctx.saved_tensors
+    return _dx_dw(ctx, grad_h.contiguous(), x, w, m_sizes, gather, pos, run_dx=run_dx,
                   run_dw=run_dw, run_combine=run_combine or combine_op)
 
 

@@ -168,14 +168,14 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
             a = _block_ops.swiglu_gemm(
                 x, w1, m_sizes, gather, topk, True,
                 *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune,
-                                     swiglu=True))                            # [M, I]
+                                     swiglu=True), pos)                       # [M, I]
         else:
             # rows past sum(m_sizes) (dropped slots) stay unwritten through mid: nothing
             # downstream reads them
             h = _block_ops.gather_gemm(
                 x, w1, m_sizes, gather, topk, True,
                 *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune,
-                                     swiglu=False))                           # [M, N1]
+                                     swiglu=False), pos)                      # [M, N1]
             if b1 is not None:
                 h = h + _bias_rows(b1.to(h.dtype), index, gather, num_experts)
             a = mid(h)                                                        # [M, I]
