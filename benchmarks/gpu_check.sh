@@ -2,7 +2,8 @@
 # One GPU call: carried wheels (.whl/), the GPU tests named by GG_TESTS (pytest -m gpu),
 # the expert-block benchmark (Liger and the torch._grouped_mm block in the same process;
 # MOE_ARGS adds e.g. --jax --profile), then the Mosaic GPU probe with the tiles of
-# MOSAIC_SWEEP, then `python -m benchmarks --impls $BENCH_IMPLS`. Every step has its own time
+# MOSAIC_SWEEP, the persistent-forward probe on PERSISTENT_SHAPES, then
+# `python -m benchmarks --impls $BENCH_IMPLS`. Every step has its own time
 # limit; results and logs land in $OUT.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gg_out}
@@ -27,6 +28,10 @@ cp benchmarks/tuned/tuned_*.json "$GG_CACHE_DIR"/ 2>/dev/null
   if [ -n "${MOSAIC_SWEEP+x}" ]; then
     timeout "${MOSAIC_LIMIT:-150}" python3 -m benchmarks.mosaic_probe \
       --shape "${MOSAIC_SHAPES:-qwen3_w1}" --sweep "$MOSAIC_SWEEP" --json "$OUT/mosaic_probe.json"
+  fi
+  if [ -n "${PERSISTENT_SHAPES:-}" ]; then
+    timeout "${PERSISTENT_LIMIT:-200}" python3 -m benchmarks.persistent_probe \
+      --shapes "$PERSISTENT_SHAPES" --json "$OUT/persistent_probe.json"
   fi
   if [ -n "${BENCH_IMPLS:-}" ]; then
     timeout "${BENCH_LIMIT:-330}" python3 -m benchmarks --out "$OUT" --impls "$BENCH_IMPLS" \

@@ -41,12 +41,17 @@ class _TileConfig:
 @dataclass(frozen=True)
 class ForwardConfig(_TileConfig):
     """Y = X @ W[e].T. TMA switches: load W; load X (not with permute_x, X is gathered);
-    store Y (not with permute_y, Y is scattered)."""
+    store Y (not with permute_y, Y is scattered; neither backend has a TMA store yet, so
+    the switch is accepted and ignored). ``warp_specialize``: triton_gg only (Triton's
+    automatic warp specialization of the persistent tile loop on Hopper); pallas_gg
+    ignores it."""
 
     block_n: int = 256
+    group_m: int = 8
     tma_load_w: bool = True
     tma_load_x: bool = False
     tma_store_y: bool = False
+    warp_specialize: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class DXConfig(_TileConfig):
 
     block_n: int = 64
     block_k: int = 256
+    group_m: int = 8
     tma_load_w: bool = True
     tma_load_dy: bool = False
     tma_store_dx: bool = False
@@ -160,10 +166,14 @@ def default_config(op: str) -> AnyConfig:
 # (block_m, block_n, block_k, num_warps, num_stages) candidates per op: tile shapes that keep
 # Hopper's tensor cores fed (wgmma wants 64-row multiples per warpgroup) at sizes that fit
 # shared memory for 3-4 pipeline stages of bf16 operands.
+# A sixth element, where present, sets further fields.
 _SEARCH = {
-    "forward": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
-                (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)],
+    # forward (persistent in triton_gg): 128 x 256 on two warpgroups, with and without
+    # warp specialization; 128 x 128 on one warpgroup, two programs per SM; row-major order
+    # for comparison (persistent-probe measurements, benchmarks/NOTES.md step 13)
+    "forward": [(128, 256, 64, 8, 3), (128, 256, 64, 8, 3, {"warp_specialize": True}),
+                (128, 128, 64, 4, 3), (128, 128, 64, 8, 4),
+                (128, 256, 64, 8, 3, {"group_m": 1}), (64, 256, 64, 8, 3)],
     # dX: block_n is the reduction block, (block_m, block_k) the output tile
     "dX": [(128, 64, 128, 8, 3), (128, 64, 128, 4, 4), (128, 64, 256, 8, 3),
            (64, 64, 128, 4, 4), (128, 32, 128, 4, 4), (128, 128, 128, 8, 3),
@@ -178,8 +188,9 @@ _SEARCH = {
 def search_space(op: str) -> list[AnyConfig]:
     """Candidate configs for autotuning ``op`` (without TMA; see ``tma_variants``)."""
     cls = CONFIG_TYPES[op]
-    return [cls(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in _SEARCH[op]]
+    return [cls(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st,
+                **(extra[0] if extra else {}))
+            for bm, bn, bk, w, st, *extra in _SEARCH[op]]
 
 
 def tma_variants(config: AnyConfig) -> list[AnyConfig]:

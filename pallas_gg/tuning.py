@@ -106,12 +106,24 @@ def _launcher(op, problem, topk, fusions, fuse_mul_post, config, interpret=False
                                       permute_y=py, config=config, interpret=interpret)
 
 
+def _honoured(candidates):
+    """The candidates as this backend runs them: fields it ignores (warp_specialize) reset,
+    duplicates dropped, so no config is timed twice."""
+    out = []
+    for config in candidates:
+        if getattr(config, "warp_specialize", False):
+            config = config.replace(warp_specialize=False)
+        if config not in out:
+            out.append(config)
+    return out
+
+
 def _tune_op(op, problem, topk, fusions, fuse_mul_post, *, iters: int, candidates=None,
              interpret=False):
     """(fastest config, its ms) among ``candidates`` (default gg_spec.valid_candidates);
     candidates that fail to compile (e.g. too much shared memory) are skipped."""
     if candidates is None:
-        candidates = gg_spec.valid_candidates(op, **fusions)
+        candidates = _honoured(gg_spec.valid_candidates(op, **fusions))
     best, best_ms = None, float("inf")
     for config in candidates:
         launch = _launcher(op, problem, topk, fusions, fuse_mul_post, config, interpret)

@@ -41,3 +41,46 @@ def swizzle(pid, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
     m_tile = first_m + (pid % per_group) % group_size
     n_tile = (pid % per_group) // group_size
     return m_tile, n_tile
+
+
+@triton.jit
+def expert_tile_table(m_sizes_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """The per-expert schedule of a persistent kernel, computed once per program: (expert
+    ids, row counts, M-tile counts, inclusive tile prefix sums, first expert-order row of
+    each expert (int64), total M-tiles)."""
+    experts = tl.arange(0, E_POW2)
+    sizes = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int32)
+    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    sizes64 = sizes.to(tl.int64)
+    starts = tl.cumsum(sizes64, 0) - sizes64
+    return experts, sizes, tiles, tiles_end, starts, tl.sum(tiles, 0)
+
+
+@triton.jit
+def find_m_tile(tile, experts, sizes, tiles, tiles_end, starts, BLOCK_M: tl.constexpr):
+    """``locate_m_tile`` over a precomputed ``expert_tile_table``; `tile` must be below the
+    table's total (a persistent grid visits only real tiles)."""
+    expert = tl.sum((tiles_end <= tile).to(tl.int32), 0)
+    this = experts == expert
+    first_tile = tl.sum(tl.where(this, tiles_end - tiles, 0), 0)
+    expert_start = tl.sum(tl.where(this, starts, 0), 0)
+    expert_rows = tl.sum(tl.where(this, sizes, 0), 0)
+    return expert, expert_start, expert_rows, (tile - first_tile) * BLOCK_M
+
+
+def programs_for(device, config, element_size: int, stage_elems: int) -> int:
+    """Grid size of a persistent kernel: programs per SM times the SM count.
+    ``stage_elems``: operand elements one pipeline stage holds (both tiles).
+
+    Two programs share an SM when two sets of pipeline buffers fit its shared memory
+    (~227 KB on Hopper) and each program is one warpgroup: the second program's MMAs then
+    run during the first one's epilogue (measured: 128 x 128 tiles on 4 warps, two per
+    SM, 554 against 500 TFLOP/s for one 8-warp program at qwen3_w2, K = 768). On the
+    interpreter a few programs still exercise the tile loop's striding."""
+    import torch
+    if device.type != "cuda":
+        return 3
+    buffers = config.num_stages * stage_elems * element_size
+    per_sm = 2 if config.num_warps <= 4 and 2 * buffers <= 200 * 1024 else 1
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count

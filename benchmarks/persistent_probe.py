@@ -1,0 +1,114 @@
+"""Probe: the persistent forward kernel (triton_gg/kernels/forward_persistent.py) against
+the one-tile-per-program forward (its tuned config) and torch._grouped_mm, same process,
+same inputs (random routing), CUDA-event medians with warm L2 (benchmarks/timing.py).
+
+    python -m benchmarks.persistent_probe --shapes qwen3_w1,qwen3_w2 --json out.json
+
+Each variant's output is compared with the one-tile-per-program kernel's (max relative
+error printed); a variant that fails to compile is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from benchmarks.problems import make_problem
+from benchmarks.timing import time_torch
+from benchmarks.torch_impls import TorchInputs
+from gg_spec import ForwardConfig
+
+# (name, config, flatten, warp_specialize, programs per SM)
+_T = dict(tma_load_w=True, tma_load_x=True)
+VARIANTS = [
+    ("p128x256_g1", ForwardConfig(128, 256, 64, 8, 3, 1, **_T), True, False, 1),
+    ("p128x256_g8", ForwardConfig(128, 256, 64, 8, 3, 8, **_T), True, False, 1),
+    ("p128x256_g8_noflat", ForwardConfig(128, 256, 64, 8, 3, 8, **_T), False, False, 1),
+    ("p128x256_g8_ws", ForwardConfig(128, 256, 64, 8, 3, 8, **_T), True, True, 1),
+    ("p128x128_g8_s4", ForwardConfig(128, 128, 64, 8, 4, 8, **_T), True, False, 1),
+    ("p128x128_g8_w4x2", ForwardConfig(128, 128, 64, 4, 3, 8, **_T), True, False, 2),
+]
+
+
+def _fusions(first_gemm: bool):
+    """(name, permute_x, permute_y, fuse_mul) beyond the plain forward."""
+    return [("permute_x", True, False, False)] if first_gemm else [
+        ("permute_y_mul", False, True, True)]
+
+
+def run_shape(name: str, tokens: int, rows: list):
+    import triton_gg
+    from triton_gg.kernels.forward import launch_forward
+    from triton_gg.kernels.forward_persistent import launch_forward_persistent
+
+    problem = make_problem(name, tokens)
+    inp = TorchInputs(problem)
+    flops = problem.flops
+    routing = (inp.m_sizes, inp.gather, inp.topk)
+    m, n = problem.m, problem.shape.n
+
+    def record(impl, variant, ms, err=None):
+        tf = flops / ms / 1e9
+        rows.append(dict(shape=name, tokens=tokens, impl=impl, variant=variant, ms=ms,
+                         tflops=tf, rel_err=err))
+        print(f"{name:10s} {impl:22s} {variant:22s} {ms:8.4f} ms {tf:7.1f} TF/s"
+              + (f"  err {err:.2e}" if err is not None else ""), flush=True)
+
+    w_t = inp.w.transpose(1, 2)
+    record("torch_grouped_mm", "-", time_torch(
+        lambda: torch._grouped_mm(inp.x, w_t, offs=inp.offs)))
+    for fusion, px, py, mul in [("plain", False, False, False)] + _fusions(
+            problem.shape.is_first_gemm):
+        x = inp.x_tokens if px else inp.x
+        kw = dict(permute_x=px, permute_y=py, fuse_mul_post=mul)
+        ref = triton_gg.grouped_gemm_forward(x, inp.w, *routing, autotune=True,
+                                             topk_weights=inp.topk_weights if mul else None,
+                                             **kw)
+        record(f"triton_gg_{fusion}", "tuned", time_torch(
+            lambda: triton_gg.grouped_gemm_forward(
+                x, inp.w, *routing, autotune=True,
+                topk_weights=inp.topk_weights if mul else None, **kw)))
+        scale = ref.float().abs().max().item()
+        for vname, config, flatten, ws, per_sm in VARIANTS:
+            if px:
+                config = config.replace(tma_load_x=False)
+            y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
+            programs = per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+
+            def call():
+                launch_forward_persistent(
+                    x, inp.w, inp.m_sizes, inp.gather, inp.topk_weights, y, y, topk=inp.topk,
+                    store_unweighted=False, config=config, flatten=flatten,
+                    warp_specialize=ws, programs=programs, **kw)
+            try:
+                call()
+                torch.cuda.synchronize()
+            except Exception as exc:  # a variant this compiler cannot build
+                print(f"{name} {fusion} {vname}: failed: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:160]}", flush=True)
+                continue
+            err = ((y.float() - ref.float()).abs().max().item() / scale) if scale else 0.0
+            record(f"persistent_{fusion}", vname, time_torch(call), err)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="qwen3_w1,qwen3_w2,llama4_w1,gptoss_w1")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    rows: list = []
+    start = time.time()
+    for name in args.shapes.split(","):
+        run_shape(name, args.tokens, rows)
+    print(f"done in {time.time() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
