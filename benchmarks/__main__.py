@@ -75,13 +75,16 @@ def run(args) -> list[dict]:
             benches = list(torch_impls.all_torch(prob, inp, impls))
             again = [b for b in benches if b[0] == args.repeat and b[1] == "fwd"][:1]
             benches += [(f"{impl}_again", op, fn) for impl, op, fn in again]
-            for impl, op, fn in benches:
-                try:
-                    ms = timing.time_torch(fn)
+            # every torch implementation of a shape timed in the same rounds (the clock
+            # falls under sustained load; see timing.time_torch_interleaved)
+            times = timing.time_torch_interleaved({(impl, op): fn for impl, op, fn in benches})
+            for impl, op, _ in benches:
+                ms = times[(impl, op)]
+                if isinstance(ms, Exception):
+                    traceback.print_exception(ms)
+                    rows.append(_row(shape_name, tokens, impl, op, 0.0, prob.flops, repr(ms)))
+                else:
                     rows.append(_row(shape_name, tokens, impl, op, ms, prob.flops))
-                except Exception as e:  # noqa: BLE001  (one failure must not end the run)
-                    traceback.print_exc()
-                    rows.append(_row(shape_name, tokens, impl, op, 0.0, prob.flops, repr(e)))
                 print(f"   {impl:22s} {op:4s} {rows[-1]['ms']:8.3f} ms "
                       f"{rows[-1]['tflops']:7.1f} TFLOP/s", flush=True)
             del benches

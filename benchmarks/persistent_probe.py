@@ -1,11 +1,13 @@
-"""Probe: the persistent forward kernel (triton_gg/kernels/forward_persistent.py) against
-the one-tile-per-program forward (its tuned config) and torch._grouped_mm, same process,
+"""Probe: tile configs of the persistent forward kernel (triton_gg/kernels/forward.py)
+against the public function with its tuned config and torch._grouped_mm, same process,
 same inputs (random routing), CUDA-event medians with warm L2 (benchmarks/timing.py).
+(Session 4's first run of this probe compared the persistent kernel, then in a file of its
+own, with the one-tile-per-program kernel it replaced; benchmarks/NOTES.md step 13.)
 
     python -m benchmarks.persistent_probe --shapes qwen3_w1,qwen3_w2 --json out.json
 
-Each variant's output is compared with the one-tile-per-program kernel's (max relative
-error printed); a variant that fails to compile is reported and skipped.
+Each variant's output is compared with the public function's (max relative error
+printed); a variant that fails to compile is reported and skipped.
 """
 
 from __future__ import annotations
@@ -21,15 +23,14 @@ from benchmarks.timing import time_torch
 from benchmarks.torch_impls import TorchInputs
 from gg_spec import ForwardConfig
 
-# (name, config, flatten, warp_specialize, programs per SM)
+# (name, config, programs per SM)
 _T = dict(tma_load_w=True, tma_load_x=True)
 VARIANTS = [
-    ("p128x256_g1", ForwardConfig(128, 256, 64, 8, 3, 1, **_T), True, False, 1),
-    ("p128x256_g8", ForwardConfig(128, 256, 64, 8, 3, 8, **_T), True, False, 1),
-    ("p128x256_g8_noflat", ForwardConfig(128, 256, 64, 8, 3, 8, **_T), False, False, 1),
-    ("p128x256_g8_ws", ForwardConfig(128, 256, 64, 8, 3, 8, **_T), True, True, 1),
-    ("p128x128_g8_s4", ForwardConfig(128, 128, 64, 8, 4, 8, **_T), True, False, 1),
-    ("p128x128_g8_w4x2", ForwardConfig(128, 128, 64, 4, 3, 8, **_T), True, False, 2),
+    ("p128x256_g1", ForwardConfig(128, 256, 64, 8, 3, 1, **_T), 1),
+    ("p128x256_g8", ForwardConfig(128, 256, 64, 8, 3, 8, **_T), 1),
+    ("p128x256_g8_ws", ForwardConfig(128, 256, 64, 8, 3, 8, **_T, warp_specialize=True), 1),
+    ("p128x128_g8_s4", ForwardConfig(128, 128, 64, 8, 4, 8, **_T), 1),
+    ("p128x128_g8_w4x2", ForwardConfig(128, 128, 64, 4, 3, 8, **_T), 2),
 ]
 
 
@@ -41,8 +42,9 @@ def _fusions(first_gemm: bool):
 
 def run_shape(name: str, tokens: int, rows: list):
     import triton_gg
+    import gg_spec
     from triton_gg.kernels.forward import launch_forward
-    from triton_gg.kernels.forward_persistent import launch_forward_persistent
+    gg_spec.set_value_checks(False)  # no host read between timed calls
 
     problem = make_problem(name, tokens)
     inp = TorchInputs(problem)
@@ -72,17 +74,16 @@ def run_shape(name: str, tokens: int, rows: list):
                 x, inp.w, *routing, autotune=True,
                 topk_weights=inp.topk_weights if mul else None, **kw)))
         scale = ref.float().abs().max().item()
-        for vname, config, flatten, ws, per_sm in VARIANTS:
+        for vname, config, per_sm in VARIANTS:
             if px:
                 config = config.replace(tma_load_x=False)
             y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
             programs = per_sm * torch.cuda.get_device_properties(0).multi_processor_count
 
             def call():
-                launch_forward_persistent(
+                launch_forward(
                     x, inp.w, inp.m_sizes, inp.gather, inp.topk_weights, y, y, topk=inp.topk,
-                    store_unweighted=False, config=config, flatten=flatten,
-                    warp_specialize=ws, programs=programs, **kw)
+                    store_unweighted=False, config=config, programs=programs, **kw)
             try:
                 call()
                 torch.cuda.synchronize()

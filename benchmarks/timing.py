@@ -1,7 +1,9 @@
 """Device-time measurement, one method per framework, the same L2 state for every
 implementation (warm: the inputs of the previous call are what the cache holds).
 
-* torch: CUDA events around `inner` back-to-back calls, median over `reps` repetitions.
+* torch: CUDA events around `inner` back-to-back calls, median over `reps` repetitions;
+  `python -m benchmarks` times a shape's implementations in interleaved rounds
+  (``time_torch_interleaved``) so that all of them see the same clock state.
 * JAX: the sum of the call's kernel durations from CUPTI
   (``jax.experimental.mosaic.gpu.profiler.measure``), median over `reps` iterations.
 Both exclude host work; the torch number also includes launch gaps between the calls,
@@ -32,6 +34,40 @@ def time_torch(fn: Callable[[], object], *, warmup: int = 3, inner: int = 10,
         end.synchronize()
         samples.append(start.elapsed_time(end) / inner)
     return statistics.median(samples)
+
+
+def time_torch_interleaved(fns: dict, *, warmup: int = 3, inner: int = 10,
+                           reps: int = 7) -> dict:
+    """Median milliseconds per call of each of `fns` ({name: fn}), measured in rounds: each
+    repetition times every function once (`inner` back-to-back calls, CUDA events), so all
+    of them see the same clock state. Why: under sustained tensor-core load the H200's SM
+    clock falls (1905 -> 1440 MHz measured during a 2.3 ms GEMM timed back to back,
+    benchmarks/NOTES.md step 13), so timing implementations one after another favours
+    whichever ran first or after a pause. A function that raises during warm-up is
+    reported as its exception instead of a time."""
+    import torch
+    live, out = {}, {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+            live[name] = fn
+        except Exception as e:  # noqa: BLE001  (one failure must not end the run)
+            out[name] = e
+    samples = {name: [] for name in live}
+    for _ in range(reps):
+        for name, fn in live.items():
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples[name].append(start.elapsed_time(end) / inner)
+    out.update({name: statistics.median(v) for name, v in samples.items()})
+    return out
 
 
 def time_jax(fn: Callable, *args, warmup: int = 3, reps: int = 10) -> float:

@@ -61,7 +61,6 @@ class DXConfig(_TileConfig):
 
     block_n: int = 64
     block_k: int = 256
-    group_m: int = 8
     tma_load_w: bool = True
     tma_load_dy: bool = False
     tma_store_dx: bool = False

@@ -208,6 +208,25 @@ def test_poison_detects_a_skipped_tile(monkeypatch):
         assert_close(y, expected_direct(inp, "forward"), "float32", "Y")
 
 
+@pytest.mark.parametrize("programs", [1, 2, 7, 64])
+@pytest.mark.parametrize("fusion", ["plain", "permute_x", "permute_y+mul"])
+def test_persistent_forward_any_program_count(programs, fusion):
+    """The persistent forward's result does not depend on how many programs share the tiles
+    (each program strides over the tile list; more programs than tiles leave some idle),
+    and every routed row is written (outputs poisoned with NaN first)."""
+    from triton_gg.kernels.forward import launch_forward
+    case = next(c for c in cpu_cases() if c.fusion.name == fusion and c.dtype == "float32")
+    inp = Inputs(case)
+    f = case.fusion
+    m, n = inp.gather.shape[0], inp.w.shape[1]
+    y = torch.full((m, n), POISON)
+    launch_forward(inp.x, inp.w, inp.m_sizes, inp.gather, inp.topk_weights, y, y,
+                   topk=case.topk, permute_x=f.permute_x, permute_y=f.permute_y,
+                   fuse_mul_post=f.fuse_mul_post, store_unweighted=False, config=SMALL_FWD,
+                   programs=programs)
+    assert_close(y, expected_direct(inp, "forward"), case.dtype, f"Y, {programs} programs")
+
+
 # -------------------------------------------------------------------- validation
 
 def _plain_inputs():

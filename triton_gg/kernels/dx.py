@@ -3,9 +3,6 @@
 * permute_y (the forward scattered Y): dY is in routed-row order, row p is read at gather[p].
 * permute_x (the forward gathered X): row p of dX is stored at gather[p], so dX comes out in
   routed-row order [M, K]; the autograd op then sums each token's k rows.
-
-Persistent grid over (M-tile, K-tile) output tiles with the tile and reduction loops
-flattened, as in ``forward.py``.
 """
 
 import torch
@@ -14,42 +11,27 @@ import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
 from triton_gg.kernels.forward import next_pow2
-from triton_gg.kernels.schedule import expert_tile_table, find_m_tile, programs_for, swizzle
+from triton_gg.kernels.schedule import locate_m_tile, swizzle
 from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 
 
 @triton.jit
 def _dx_kernel(
     dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, m_sizes_ptr, gather_ptr,
-    E, N: tl.constexpr, K: tl.constexpr, num_programs, stride_we, stride_wn, stride_wk,
+    E, N: tl.constexpr, K: tl.constexpr, num_m_tiles, stride_we, stride_wn, stride_wk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_W: tl.constexpr,
     TMA_DY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    experts, sizes, tiles, tiles_end, starts, num_m_tiles = expert_tile_table(
-        m_sizes_ptr, E, BLOCK_M, E_POW2)
     num_k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_m_tiles * num_k_tiles, num_programs,
-                         flatten=True):
-        m_tile, k_tile = swizzle(tile, num_m_tiles, num_k_tiles, GROUP_M)
-        expert, expert_start, expert_rows, local_row = find_m_tile(
-            m_tile, experts, sizes, tiles, tiles_end, starts, BLOCK_M)
-        _dx_tile(dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, gather_ptr, expert, expert_start,
-                 expert_rows, local_row, k_tile, N, K, stride_we, stride_wn, stride_wk,
-                 PERMUTE_X, PERMUTE_Y, TMA_W, TMA_DY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N,
-                 UPCAST_DOT, IEEE_DOT)
+    m_tile, k_tile = swizzle(tl.program_id(0), num_m_tiles, num_k_tiles, GROUP_M)
+    expert, expert_start, expert_rows, local_row = locate_m_tile(
+        m_tile, m_sizes_ptr, E, BLOCK_M, E_POW2)
+    if expert >= E:
+        return
 
-
-@triton.jit
-def _dx_tile(dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, gather_ptr, expert, expert_start,
-             expert_rows, local_row, k_tile, N: tl.constexpr, K: tl.constexpr,
-             stride_we, stride_wn, stride_wk, PERMUTE_X: tl.constexpr,
-             PERMUTE_Y: tl.constexpr, TMA_W: tl.constexpr, TMA_DY: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             EVEN_N: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
-    """One [BLOCK_M, BLOCK_K] tile of dX: rows local_row.. of `expert`, columns of k_tile."""
     rows = local_row + tl.arange(0, BLOCK_M)
     row_mask = rows < expert_rows
     pos = expert_start + rows
@@ -99,27 +81,25 @@ def _dx_tile(dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, gather_ptr, expert, expert_
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-def launch_dx(dy, w, m_sizes, gather_indices, dx, *, permute_x, permute_y, config,
-              programs=None):
-    """Run the dX kernel into the preallocated dx [M, K]. dy [M, N], w [E, N, K].
-    Persistent grid, as the forward's (``programs`` overrides its size)."""
+def launch_dx(dy, w, m_sizes, gather_indices, dx, *, permute_x, permute_y, config):
+    """Run the dX kernel into the preallocated dx [M, K]. dy [M, N], w [E, N, K]."""
     num_experts, n, k = w.shape
     m = dx.shape[0]
     if m == 0 or k == 0:
         return dx
     if n == 0:
         return dx.zero_()
-    programs = programs or programs_for(dx.device, config, dy.element_size(),
-                                        config.block_n * (config.block_m + config.block_k))
+    num_m_tiles = triton.cdiv(m, config.block_m) + num_experts
+    grid = (num_m_tiles * triton.cdiv(k, config.block_k),)
     w2d = weights_2d(w)
     tma_w = config.tma_load_w and w2d is not None and tma_usable(w2d, config.block_k)
     tma_dy = config.tma_load_dy and not permute_y and tma_usable(dy, config.block_n)
-    _dx_kernel[(programs,)](
+    _dx_kernel[grid](
         dy, w,
         descriptor_2d(dy, config.block_m, config.block_n) if tma_dy else None,
         descriptor_2d(w2d, config.block_n, config.block_k) if tma_w else None,
         dx, m_sizes, gather_indices if gather_indices is not None else m_sizes,
-        num_experts, n, k, programs, *w.stride(),
+        num_experts, n, k, num_m_tiles, *w.stride(),
         PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_W=tma_w, TMA_DY=tma_dy,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, E_POW2=next_pow2(num_experts), EVEN_N=n % config.block_n == 0,

@@ -7,9 +7,7 @@ Each program owns BLOCK_N / 2 columns j of the gate half and the same columns I 
 half (two accumulators, the registers of one BLOCK_M x BLOCK_N tile), so the epilogue holds
 both factors of A and writes H (kept for the backward) and A in one pass: no separate
 activation kernels reading H back. permute_x gathers X rows at gather[p] // topk as the plain
-forward does; outputs stay in expert order. Persistent grid with the tile and K loops
-flattened, as in ``forward.py`` (the H and A stores of one tile overlap the next tile's
-first loads).
+forward does; outputs stay in expert order.
 """
 
 import torch
@@ -18,44 +16,27 @@ import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
 from triton_gg.kernels.forward import next_pow2
-from triton_gg.kernels.schedule import expert_tile_table, find_m_tile, programs_for, swizzle
+from triton_gg.kernels.schedule import locate_m_tile, swizzle
 from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 
 
 @triton.jit
 def _swiglu_forward_kernel(
     x_ptr, w_ptr, w_desc, h_ptr, a_ptr, m_sizes_ptr, gather_ptr,
-    E, I: tl.constexpr, K: tl.constexpr, TOPK, num_programs,
+    E, I: tl.constexpr, K: tl.constexpr, num_m_tiles, TOPK,
     stride_we, stride_wn, stride_wk,
     PERMUTE_X: tl.constexpr, TMA_W: tl.constexpr,
     BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    experts, sizes, tiles, tiles_end, starts, num_m_tiles = expert_tile_table(
-        m_sizes_ptr, E, BLOCK_M, E_POW2)
     num_n_tiles = tl.cdiv(I, HALF_N)
-    ks = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_m_tiles * num_n_tiles, num_programs,
-                         flatten=True, warp_specialize=WARP_SPECIALIZE):
-        m_tile, n_tile = swizzle(tile, num_m_tiles, num_n_tiles, GROUP_M)
-        expert, expert_start, expert_rows, local_row = find_m_tile(
-            m_tile, experts, sizes, tiles, tiles_end, starts, BLOCK_M)
-        _swiglu_tile(x_ptr, w_ptr, w_desc, h_ptr, a_ptr, gather_ptr, expert, expert_start,
-                     expert_rows, local_row, n_tile, ks, I, K, TOPK,
-                     stride_we, stride_wn, stride_wk, PERMUTE_X, TMA_W,
-                     BLOCK_M, HALF_N, BLOCK_K, EVEN_K, UPCAST_DOT, IEEE_DOT)
+    m_tile, n_tile = swizzle(tl.program_id(0), num_m_tiles, num_n_tiles, GROUP_M)
+    expert, expert_start, expert_rows, local_row = locate_m_tile(
+        m_tile, m_sizes_ptr, E, BLOCK_M, E_POW2)
+    if expert >= E:
+        return
 
-
-@triton.jit
-def _swiglu_tile(x_ptr, w_ptr, w_desc, h_ptr, a_ptr, gather_ptr, expert, expert_start,
-                 expert_rows, local_row, n_tile, ks, I: tl.constexpr, K: tl.constexpr, TOPK,
-                 stride_we, stride_wn, stride_wk, PERMUTE_X: tl.constexpr,
-                 TMA_W: tl.constexpr, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                 IEEE_DOT: tl.constexpr):
-    """One output tile: BLOCK_M rows x HALF_N columns of the gate half, the same columns
-    of the up half, and of A."""
     rows = local_row + tl.arange(0, BLOCK_M)
     row_mask = rows < expert_rows
     pos = expert_start + rows
@@ -67,6 +48,7 @@ def _swiglu_tile(x_ptr, w_ptr, w_desc, h_ptr, a_ptr, gather_ptr, expert, expert_
 
     cols = n_tile * HALF_N + tl.arange(0, HALF_N)  # columns of the gate half (and of A)
     col_mask = cols < I
+    ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + x_rows[:, None] * K + ks[None, :]
     w_base = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk
     wg_ptrs = w_base + cols[None, :].to(tl.int64) * stride_wn
@@ -116,30 +98,27 @@ def _swiglu_tile(x_ptr, w_ptr, w_desc, h_ptr, a_ptr, gather_ptr, expert, expert_
     tl.store(a_ptr + pos[:, None] * I + cols[None, :], a.to(out_ty), mask=mask)
 
 
-def launch_swiglu_forward(x, w, m_sizes, gather_indices, h, a, *, topk, permute_x, config,
-                          programs=None):
+def launch_swiglu_forward(x, w, m_sizes, gather_indices, h, a, *, topk, permute_x, config):
     """Run the kernel into the preallocated h [M, 2I] and a [M, I]. x [M or T, K],
-    w [E, 2I, K] (any strides); config.block_n spans both halves (each BLOCK_N / 2 wide).
-    Persistent grid, as the plain forward's (``programs`` overrides its size)."""
+    w [E, 2I, K] (any strides); config.block_n spans both halves (each BLOCK_N / 2 wide)."""
     num_experts, two_i, k = w.shape
     inter = two_i // 2
     m = h.shape[0]
     if m == 0 or inter == 0:
         return h, a
     half_n = config.block_n // 2
-    programs = programs or programs_for(h.device, config, x.element_size(),
-                                        (config.block_m + config.block_n) * config.block_k)
+    num_m_tiles = triton.cdiv(m, config.block_m) + num_experts
+    grid = (num_m_tiles * triton.cdiv(inter, half_n),)
     w2d = weights_2d(w)
     tma_w = config.tma_load_w and w2d is not None and tma_usable(w2d, config.block_k)
-    _swiglu_forward_kernel[(programs,)](
+    _swiglu_forward_kernel[grid](
         x, w, descriptor_2d(w2d, half_n, config.block_k) if tma_w else None, h, a, m_sizes,
         gather_indices if gather_indices is not None else m_sizes,
-        num_experts, inter, k, topk, programs, *w.stride(),
+        num_experts, inter, k, num_m_tiles, topk, *w.stride(),
         PERMUTE_X=permute_x, TMA_W=tma_w,
         BLOCK_M=config.block_m, HALF_N=half_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, E_POW2=next_pow2(num_experts),
         EVEN_K=k % config.block_k == 0,
-        WARP_SPECIALIZE=config.warp_specialize and not INTERPRETING,
         UPCAST_DOT=INTERPRETING and x.dtype != torch.float32,
         IEEE_DOT=x.dtype == torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,
