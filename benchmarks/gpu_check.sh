@@ -31,7 +31,8 @@ cp benchmarks/tuned/tuned_*.json "$GG_CACHE_DIR"/ 2>/dev/null
   fi
   if [ -n "${PERSISTENT_SHAPES:-}" ]; then
     timeout "${PERSISTENT_LIMIT:-200}" python3 -m benchmarks.persistent_probe \
-      --shapes "$PERSISTENT_SHAPES" --json "$OUT/persistent_probe.json"
+      --shapes "$PERSISTENT_SHAPES" --op "${PERSISTENT_OP:-forward}" \
+      --json "$OUT/persistent_probe_${PERSISTENT_OP:-forward}.json"
   fi
   if [ -n "${BENCH_IMPLS:-}" ]; then
     timeout "${BENCH_LIMIT:-330}" python3 -m benchmarks --out "$OUT" --impls "$BENCH_IMPLS" \

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import torch
 
 from benchmarks.problems import make_problem
-from benchmarks.timing import time_torch
+from benchmarks.timing import time_torch, time_torch_interleaved
 from benchmarks.torch_impls import TorchInputs
-from gg_spec import ForwardConfig
+from gg_spec import DWConfig, ForwardConfig
 
 # (name, config, programs per SM)
 _T = dict(tma_load_w=True, tma_load_x=True)
@@ -95,16 +96,67 @@ def run_shape(name: str, tokens: int, rows: list):
             record(f"persistent_{fusion}", vname, time_torch(call), err)
 
 
+DW_VARIANTS = [  # (name, config): the tuned config is timed too
+    ("64x128x128_w8s3", DWConfig(64, 128, 128, 8, 3)),
+    ("64x128x128_w4s3_x2", DWConfig(64, 128, 128, 4, 3)),
+    ("64x256x128_w8s3", DWConfig(64, 256, 128, 8, 3)),
+    ("128x128x128_w8s3", DWConfig(128, 128, 128, 8, 3)),
+]
+
+
+def run_dw(name: str, tokens: int, rows: list):
+    """dW: the persistent grid against one tile per program (the same kernel launched with
+    as many programs as output tiles), for the tuned config and a few others, timed in
+    interleaved rounds."""
+    import triton
+
+    import gg_spec
+    import triton_gg
+    from triton_gg.kernels.dw import launch_dw
+    gg_spec.set_value_checks(False)
+    problem = make_problem(name, tokens)
+    inp = TorchInputs(problem)
+    s = problem.shape
+    ref = triton_gg.grouped_gemm_dW(inp.x, inp.dy, inp.m_sizes, inp.gather, inp.topk,
+                                    autotune=True)
+    dims = SimpleNamespace(num_experts=s.num_experts, n=s.n, k=s.k, m=problem.m)
+    tuned = triton_gg.autotune.cached(triton_gg.autotune.key_for(
+        "dW", dims, inp.x.dtype, inp.x.device)) or gg_spec.default_config("dW")
+    fns = {}
+    for vname, config in [("tuned", tuned)] + DW_VARIANTS:
+        tiles = s.num_experts * triton.cdiv(s.n, config.block_n) * triton.cdiv(
+            s.k, config.block_k)
+        for grid, programs in (("persistent", None), ("one_tile", tiles)):
+            out = torch.empty_like(inp.w)
+            fns[(vname, grid)] = (lambda out=out, config=config, programs=programs: launch_dw(
+                inp.x, inp.dy, inp.m_sizes, inp.gather, out, topk=inp.topk, permute_x=False,
+                permute_y=False, config=config, programs=programs), out)
+    times = time_torch_interleaved({k: f for k, (f, _) in fns.items()})
+    scale = ref.float().abs().max().item()
+    for (vname, grid), (_, out) in fns.items():
+        ms = times[(vname, grid)]
+        if isinstance(ms, Exception):
+            print(f"{name} dW {vname} {grid}: failed: {str(ms).splitlines()[0][:160]}")
+            continue
+        err = (out.float() - ref.float()).abs().max().item() / scale
+        tf = problem.flops / ms / 1e9
+        rows.append(dict(shape=name, tokens=tokens, impl=f"dW_{grid}", variant=vname, ms=ms,
+                         tflops=tf, rel_err=err))
+        print(f"{name:10s} dW {grid:10s} {vname:20s} {ms:8.4f} ms {tf:7.1f} TF/s err {err:.1e}",
+              flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="qwen3_w1,qwen3_w2,llama4_w1,gptoss_w1")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--json")
+    parser.add_argument("--op", default="forward", choices=["forward", "dW"])
     args = parser.parse_args(argv)
     rows: list = []
     start = time.time()
     for name in args.shapes.split(","):
-        run_shape(name, args.tokens, rows)
+        (run_dw if args.op == "dW" else run_shape)(name, args.tokens, rows)
     print(f"done in {time.time() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -227,6 +227,20 @@ def test_persistent_forward_any_program_count(programs, fusion):
     assert_close(y, expected_direct(inp, "forward"), case.dtype, f"Y, {programs} programs")
 
 
+@pytest.mark.parametrize("programs", [1, 5, 1000])
+@pytest.mark.parametrize("fusion", ["plain", "permute_x", "permute_y"])
+def test_persistent_dw_any_program_count(programs, fusion):
+    """The persistent dW, as the forward: any program count, every expert's tile written
+    (an expert without rows stores exact zeros)."""
+    from triton_gg.kernels.dw import launch_dw
+    case = next(c for c in cpu_cases() if c.fusion.name == fusion and c.dtype == "float32")
+    inp = Inputs(case)
+    dw = torch.full(tuple(inp.w.shape), POISON)
+    launch_dw(inp.x, inp.dy, inp.m_sizes, inp.gather, dw, topk=case.topk, **inp.flags,
+              config=SMALL_DW, programs=programs)
+    assert_close(dw, expected_direct(inp, "dW"), case.dtype, f"dW, {programs} programs")
+
+
 # -------------------------------------------------------------------- validation
 
 def _plain_inputs():

@@ -9,6 +9,11 @@ deterministic). An expert with no rows runs zero iterations and stores exact zer
 N and K are compile-time constants, as in the forward and dX kernels (one compilation per
 weight shape; a model has few): static row strides and trip counts measured 10-45% faster
 than runtime N and K on the H200 (benchmarks/NOTES.md, step 4).
+
+Persistent grid: a program per SM (two where two sets of buffers fit) strides over the
+output tiles with the tile loop and the row loop flattened, as in ``forward.py``. An
+expert's reduction is short (~512 rows at qwen3 shapes: 8 steps of 64), so one tile per
+program spent much of its time filling the pipeline and storing.
 """
 
 import torch
@@ -17,13 +22,14 @@ import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
 from triton_gg.kernels.forward import next_pow2
+from triton_gg.kernels.schedule import programs_for
 from triton_gg.kernels.tma import descriptor_2d, tma_usable
 
 
 @triton.jit
 def _dw_kernel(
     x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, m_sizes_ptr, gather_ptr,
-    E, N: tl.constexpr, K: tl.constexpr, TOPK, stride_de, stride_dn, stride_dk,
+    E, N: tl.constexpr, K: tl.constexpr, TOPK, num_programs, stride_de, stride_dn, stride_dk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr,
     TMA_DY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -31,17 +37,33 @@ def _dw_kernel(
 ):
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_k_tiles = tl.cdiv(K, BLOCK_K)
-    pid = tl.program_id(0)
-    # consecutive programs share an expert (its rows stay in L2), then an N-tile
-    expert = pid // (num_n_tiles * num_k_tiles)
-    n_tile = (pid // num_k_tiles) % num_n_tiles
-    k_tile = pid % num_k_tiles
-
     experts = tl.arange(0, E_POW2)
     sizes = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0)
-    expert_start = tl.sum(tl.where(experts < expert, sizes, 0).to(tl.int64), 0)
-    expert_rows = tl.sum(tl.where(experts == expert, sizes, 0), 0)
+    sizes64 = sizes.to(tl.int64)
+    starts = tl.cumsum(sizes64, 0) - sizes64
+    for tile in tl.range(tl.program_id(0), E * num_n_tiles * num_k_tiles, num_programs,
+                         flatten=True):
+        # consecutive tiles share an expert (its rows stay in L2), then an N-tile
+        expert = tile // (num_n_tiles * num_k_tiles)
+        n_tile = (tile // num_k_tiles) % num_n_tiles
+        k_tile = tile % num_k_tiles
+        this = experts == expert
+        expert_start = tl.sum(tl.where(this, starts, 0), 0)
+        expert_rows = tl.sum(tl.where(this, sizes, 0), 0)
+        _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, gather_ptr, expert, expert_start,
+                 expert_rows, n_tile, k_tile, N, K, TOPK, stride_de, stride_dn, stride_dk,
+                 PERMUTE_X, PERMUTE_Y, TMA_X, TMA_DY, BLOCK_M, BLOCK_N, BLOCK_K,
+                 UPCAST_DOT, IEEE_DOT)
 
+
+@triton.jit
+def _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, gather_ptr, expert, expert_start,
+             expert_rows, n_tile, k_tile, N: tl.constexpr, K: tl.constexpr, TOPK,
+             stride_de, stride_dn, stride_dk, PERMUTE_X: tl.constexpr,
+             PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr, TMA_DY: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] tile of dW[expert], reduced over the expert's rows."""
     ns = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = ns < N
@@ -86,20 +108,24 @@ def _dw_kernel(
     tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
 
-def launch_dw(x, dy, m_sizes, gather_indices, dw, *, topk, permute_x, permute_y, config):
-    """Run the dW kernel into the preallocated dw [E, N, K]."""
+def launch_dw(x, dy, m_sizes, gather_indices, dw, *, topk, permute_x, permute_y, config,
+              programs=None):
+    """Run the dW kernel into the preallocated dw [E, N, K]. Persistent grid
+    (``programs`` overrides its size; the number of output tiles gives one tile per
+    program)."""
     num_experts, n, k = dw.shape
     if dw.numel() == 0:
         return dw
-    grid = (num_experts * triton.cdiv(n, config.block_n) * triton.cdiv(k, config.block_k),)
+    programs = programs or programs_for(dw.device, config, x.element_size(),
+                                        config.block_m * (config.block_n + config.block_k))
     tma_x = config.tma_load_x and not permute_x and tma_usable(x, config.block_k)
     tma_dy = config.tma_load_dy and not permute_y and tma_usable(dy, config.block_n)
-    _dw_kernel[grid](
+    _dw_kernel[(programs,)](
         x, dy,
         descriptor_2d(x, config.block_m, config.block_k) if tma_x else None,
         descriptor_2d(dy, config.block_m, config.block_n) if tma_dy else None,
         dw, m_sizes, gather_indices if gather_indices is not None else m_sizes,
-        num_experts, n, k, topk, *dw.stride(),
+        num_experts, n, k, topk, programs, *dw.stride(),
         PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_X=tma_x, TMA_DY=tma_dy,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         E_POW2=next_pow2(num_experts),
