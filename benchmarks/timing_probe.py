@@ -35,6 +35,7 @@ def main(argv=None):
     from triton_gg import _ops
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="llama4_w1,qwen3_w1")
+    parser.add_argument("--op", default="forward", choices=["forward", "dW"])
     args = parser.parse_args(argv)
     gg_spec.set_value_checks(False)
     for name in args.shapes.split(","):
@@ -53,6 +54,19 @@ def main(argv=None):
         def bare():
             return _ops.forward_impl(inp.x, inp.w, inp.m_sizes, None, None, inp.topk, False,
                                      False, False, False, _ops.encode(config))
+        if args.op == "dW":
+            from triton_gg.kernels.dw import launch_dw
+
+            def public():
+                return triton_gg.grouped_gemm_dW(inp.x, inp.dy, *routing, autotune=True)
+            public()
+            config = triton_gg.autotune.cached(triton_gg.autotune.key_for(
+                "dW", dims, inp.x.dtype, inp.x.device))
+            out = torch.empty_like(inp.w)
+
+            def bare():  # preallocated output: no allocation per call
+                return launch_dw(inp.x, inp.dy, inp.m_sizes, None, out, topk=inp.topk,
+                                 permute_x=False, permute_y=False, config=config)
         dense_b = inp.dense_b
 
         def dense():
@@ -61,6 +75,7 @@ def main(argv=None):
         for label, fn in (("public", public), ("bare", bare), ("dense", dense),
                           ("public", public)):
             for method, timer in (("time_torch", time_torch),
+                                  ("time_torch_1", lambda f: time_torch(f, inner=1, reps=21)),
                                   ("do_bench", lambda f: triton.testing.do_bench(
                                       f, warmup=5, rep=25, return_mode="median"))):
                 ms = timer(fn)
