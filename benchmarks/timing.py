@@ -16,6 +16,19 @@ import statistics
 from typing import Callable
 
 
+def _events_ms(fn: Callable[[], object], inner: int) -> float:
+    """Milliseconds per call of `inner` back-to-back calls of `fn` (CUDA events)."""
+    import torch
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / inner
+
+
 def time_torch(fn: Callable[[], object], *, warmup: int = 3, inner: int = 10,
                reps: int = 7) -> float:
     """Median milliseconds per call of `fn` (CUDA events)."""
@@ -23,17 +36,7 @@ def time_torch(fn: Callable[[], object], *, warmup: int = 3, inner: int = 10,
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / inner)
-    return statistics.median(samples)
+    return statistics.median(_events_ms(fn, inner) for _ in range(reps))
 
 
 def time_torch_interleaved(fns: dict, *, warmup: int = 3, inner: int = 10,
@@ -58,14 +61,7 @@ def time_torch_interleaved(fns: dict, *, warmup: int = 3, inner: int = 10,
     samples = {name: [] for name in live}
     for _ in range(reps):
         for name, fn in live.items():
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end) / inner)
+            samples[name].append(_events_ms(fn, inner))
     out.update({name: statistics.median(v) for name, v in samples.items()})
     return out
 
