@@ -146,17 +146,68 @@ def run_dw(name: str, tokens: int, rows: list):
               flush=True)
 
 
+def run_swiglu(name: str, tokens: int, rows: list):
+    """The block's first GEMM forward (permute_x, SiLU-gated): the fused SwiGLU kernel
+    (its tuned config) against the persistent forward writing H plus one silu-mul pass,
+    interleaved rounds; A compared between the two."""
+    import gg_spec
+    import triton_gg
+    from triton_gg.kernels.forward import launch_forward
+    from triton_gg.kernels.silu_mul import launch_silu_mul
+    from triton_gg.kernels.swiglu_forward import launch_swiglu_forward
+    gg_spec.set_value_checks(False)
+    problem = make_problem(name, tokens)
+    inp = TorchInputs(problem)
+    s = problem.shape
+    m, inter = problem.m, s.n // 2
+    dims = SimpleNamespace(num_experts=s.num_experts, n=s.n, k=s.k, m=m)
+    triton_gg.grouped_gemm_forward(inp.x_tokens, inp.w, inp.m_sizes, inp.gather, inp.topk,
+                                   permute_x=True, autotune=True)  # tunes if not cached
+    key = triton_gg.autotune.key_for
+    fwd_cfg = triton_gg.autotune.cached(key("forward", dims, inp.x.dtype, inp.x.device,
+                                            permute_x=True))
+    swiglu_cfg = triton_gg.autotune.cached(key("swiglu_forward", dims, inp.x.dtype,
+                                               inp.x.device, permute_x=True))
+    swiglu_cfg = swiglu_cfg or gg_spec.ForwardConfig(128, 128, 64, 8, 3, 1)
+    h1, a1 = (torch.empty((m, s.n), dtype=inp.x.dtype, device="cuda"),
+              torch.empty((m, inter), dtype=inp.x.dtype, device="cuda"))
+    h2, a2 = torch.empty_like(h1), torch.empty_like(a1)
+
+    def fused():
+        launch_swiglu_forward(inp.x_tokens, inp.w, inp.m_sizes, inp.gather, h1, a1,
+                              topk=inp.topk, permute_x=True, config=swiglu_cfg)
+
+    def gemm_only():
+        launch_forward(inp.x_tokens, inp.w, inp.m_sizes, inp.gather, None, h2, h2,
+                       topk=inp.topk, permute_x=True, permute_y=False, fuse_mul_post=False,
+                       store_unweighted=False, config=fwd_cfg)
+
+    def split():
+        gemm_only()
+        launch_silu_mul(h2, a2)
+    times = time_torch_interleaved({"fused SwiGLU GEMM": fused, "persistent GEMM + silu_mul":
+                                    split, "persistent GEMM alone": gemm_only})
+    err = ((a1.float() - a2.float()).abs().max() / a1.float().abs().max()).item()
+    for variant, ms in times.items():
+        tf = problem.flops / ms / 1e9
+        rows.append(dict(shape=name, tokens=tokens, impl="swiglu_forward", variant=variant,
+                         ms=ms, tflops=tf, rel_err=err))
+        print(f"{name:10s} {variant:28s} {ms:8.4f} ms {tf:7.1f} TF/s  (A rel diff {err:.1e})",
+              flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="qwen3_w1,qwen3_w2,llama4_w1,gptoss_w1")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--json")
-    parser.add_argument("--op", default="forward", choices=["forward", "dW"])
+    parser.add_argument("--op", default="forward", choices=["forward", "dW", "swiglu"])
     args = parser.parse_args(argv)
     rows: list = []
     start = time.time()
     for name in args.shapes.split(","):
-        (run_dw if args.op == "dW" else run_shape)(name, args.tokens, rows)
+        run = {"dW": run_dw, "swiglu": run_swiglu}.get(args.op, run_shape)
+        run(name, args.tokens, rows)
     print(f"done in {time.time() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

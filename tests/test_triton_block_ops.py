@@ -383,3 +383,18 @@ def test_foreign_slots_are_dropped_on_the_unfused_path(monkeypatch):
     d = torch.randn(t, h, generator=gen)
     for a, b in zip(torch.autograd.grad(ours, inputs, d), torch.autograd.grad(ref, inputs, d)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 8), (37, 48), (70, 200)])
+def test_silu_mul_matches_the_fused_epilogue_math(rows, inter):
+    """silu_mul (the split alternative to the fused SwiGLU epilogue, measured by the
+    persistent probe) computes A from the stored H as the fused kernel does: fp32 inside,
+    one rounding; every row and column written (output poisoned first).""""
+    from triton_gg.kernels.silu_mul import launch_silu_mul
+    gen = torch.Generator().manual_seed(rows * 1000 + inter)
+    h = torch.randn(rows, 2 * inter, generator=gen).to(torch.bfloat16)
+    a = torch.full((rows, inter), float("nan"), dtype=torch.bfloat16)
+    launch_silu_mul(h, a)
+    gate, up = h.float().chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up  # fp32; A may differ by one bf16 rounding
+    torch.testing.assert_close(a.float(), expected, rtol=2 ** -7, atol=1e-6)
