@@ -389,7 +389,7 @@ def test_foreign_slots_are_dropped_on_the_unfused_path(monkeypatch):
 def test_silu_mul_matches_the_fused_epilogue_math(rows, inter):
     """silu_mul (the split alternative to the fused SwiGLU epilogue, measured by the
     persistent probe) computes A from the stored H as the fused kernel does: fp32 inside,
-    one rounding; every row and column written (output poisoned first).""""
+    one rounding; every row and column written (output poisoned first)."""
     from triton_gg.kernels.silu_mul import launch_silu_mul
     gen = torch.Generator().manual_seed(rows * 1000 + inter)
     h = torch.randn(rows, 2 * inter, generator=gen).to(torch.bfloat16)
