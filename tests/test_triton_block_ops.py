@@ -67,17 +67,17 @@ def test_swiglu_gemm_forward_and_backward(tokens, experts, topk, hidden, inter, 
         assert torch.all(gw[e] == 0)
 
 
-def test_swiglu_gemm_outputs_every_row():
-    """Poisoned outputs: every row of H and A is written (the launcher allocates with
-    torch.empty; fill it with NaN first and run the kernel into it)."""
-    from triton_gg.kernels.swiglu_forward import launch_swiglu_forward
+def test_swiglu_gemm_outputs_every_row(monkeypatch):
+    """Poisoned outputs: every routed row of H and A is written (the launcher allocates
+    with torch.empty; NaN-filled here) by the GEMM and the silu-mul pass."""
     gen = torch.Generator().manual_seed(3)
     idx, m_sizes, gather = _routing(11, 5, 2, gen)
     x = torch.randn(11, 20, generator=gen)
     w = torch.randn(5, 2 * 9, 20, generator=gen)
-    h = torch.full((22, 18), float("nan"))
-    a = torch.full((22, 9), float("nan"))
-    launch_swiglu_forward(x, w, m_sizes, gather, h, a, topk=2, permute_x=True, config=SMALL)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    h, a = _block_ops.swiglu_gemm_impl(x, w, m_sizes, gather, 2, True, _ops.encode(SMALL))
+    assert h.shape == (22, 18) and a.shape == (22, 9)
     assert torch.isfinite(h).all() and torch.isfinite(a).all()
 
 
@@ -385,16 +385,24 @@ def test_foreign_slots_are_dropped_on_the_unfused_path(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_silu_mul_leaves_rows_past_the_routed_ones():
+    """Rows past sum(m_sizes) (dropped slots) are neither read nor written."""
+    from triton_gg.kernels.silu_mul import launch_silu_mul
+    h = torch.randn(40, 16)
+    a = torch.full((40, 8), float("nan"))
+    launch_silu_mul(h, a, torch.tensor([5, 0, 20], dtype=torch.int32))
+    assert torch.isfinite(a[:25]).all() and torch.isnan(a[25:]).all()
+
+
 @pytest.mark.parametrize("rows,inter", [(1, 8), (37, 48), (70, 200)])
 def test_silu_mul_matches_the_fused_epilogue_math(rows, inter):
-    """silu_mul (the split alternative to the fused SwiGLU epilogue, measured by the
-    persistent probe) computes A from the stored H as the fused kernel does: fp32 inside,
-    one rounding; every row and column written (output poisoned first)."""
+    """silu_mul forms A from the stored H: fp32 inside, one rounding; every routed row and
+    column written (output poisoned first)."""
     from triton_gg.kernels.silu_mul import launch_silu_mul
     gen = torch.Generator().manual_seed(rows * 1000 + inter)
     h = torch.randn(rows, 2 * inter, generator=gen).to(torch.bfloat16)
     a = torch.full((rows, inter), float("nan"), dtype=torch.bfloat16)
-    launch_silu_mul(h, a)
+    launch_silu_mul(h, a, torch.tensor([rows], dtype=torch.int32))
     gate, up = h.float().chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up  # fp32; A may differ by one bf16 rounding
     torch.testing.assert_close(a.float(), expected, rtol=2 ** -7, atol=1e-6)

@@ -1,8 +1,9 @@
 """The MoE block's own differentiable pieces, as registered custom ops (torch.compile traces
 them) with an eager autograd.Function path that skips the dispatcher, like ``_ops``:
 
-* ``swiglu_gemm``: the first GEMM with SiLU-gating in its epilogue -> (H [M, 2I], A [M, I]);
-  backward: one fused pass dA -> dH, then the dX and dW kernels on dH.
+* ``swiglu_gemm``: the first GEMM (persistent forward kernel) and SiLU-gating in one pass
+  after it -> (H [M, 2I], A [M, I]); backward: one fused pass dA -> dH, then the dX and dW
+  kernels on dH.
 * ``combine``: out [T, H] = sum_j w[t, j] * Y[pos[t*k + j]] over the second GEMM's
   expert-order output; backward: dY (expert order) and d w in one pass.
 
@@ -16,19 +17,26 @@ import torch
 from triton_gg import _ops
 from triton_gg.kernels.combine import launch_combine, launch_combine_backward
 from triton_gg.kernels.swiglu_backward import launch_swiglu_backward
-from triton_gg.kernels.swiglu_forward import launch_swiglu_forward
+from triton_gg.kernels.forward import launch_forward
+from triton_gg.kernels.silu_mul import launch_silu_mul
 
 
 # ---------------------------------------------------------------------------- swiglu_gemm
 
 def swiglu_gemm_impl(x, w, m_sizes, gather, topk, permute_x, forward_config):
+    """H by the persistent forward GEMM, then A = silu(gate) * up in one pass. (A fused
+    epilogue on the one-tile-per-program GEMM measured 10-25% slower on the H200; the
+    persistent GEMM with that epilogue slower still: benchmarks/NOTES.md step 13.)"""
     m = gather.shape[0] if permute_x else x.shape[0]
     two_i = w.shape[1]
     h = torch.empty((m, two_i), dtype=x.dtype, device=x.device)
     a = torch.empty((m, two_i // 2), dtype=x.dtype, device=x.device)
-    launch_swiglu_forward(x.contiguous(), w, m_sizes.contiguous(),
-                          None if gather is None else gather.contiguous(), h, a, topk=topk,
-                          permute_x=permute_x, config=_ops.decode_forward(forward_config))
+    m_sizes = m_sizes.contiguous()
+    launch_forward(x.contiguous(), w, m_sizes, None if gather is None else gather.contiguous(),
+                   None, h, h, topk=topk, permute_x=permute_x, permute_y=False,
+                   fuse_mul_post=False, store_unweighted=False,
+                   config=_ops.decode_forward(forward_config))
+    launch_silu_mul(h, a, m_sizes)
     return h, a
 
 

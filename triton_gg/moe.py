@@ -87,30 +87,15 @@ def _bias_rows(b1, index, gather, num_experts):
     return torch.where(own[:, None], rows, torch.zeros((), dtype=b1.dtype, device=b1.device))
 
 
-def _swiglu_forward_config(x, w1, m_sizes, gather, topk, dims, autotune):
-    """The fused SwiGLU GEMM's forward tile: tuned under its own key ("swiglu_forward":
-    two accumulators and three stores per tile, so the plain forward's choice need not
-    fit), from the forward search space (block_n spans both halves)."""
-    def run(cfg):
-        return _block_ops.swiglu_gemm_impl(x, w1, m_sizes, gather, topk, True, _ops.encode(cfg))
-    return autotune_cache.choose(
-        "forward", None, autotune,
-        lambda: autotune_cache.key_for("swiglu_forward", dims, x.dtype, x.device,
-                                       permute_x=True),
-        run, x.device, permute_x=True)
-
-
-def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune, *, swiglu: bool):
-    """Forward / dX / dW configs of the first GEMM (permute_x; with its SiLU-gate epilogue
-    or without), tuned (autotune) or default."""
+def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune):
+    """Forward / dX / dW configs of the first GEMM (permute_x), tuned (autotune) or
+    default."""
     dims = v.check_forward(x, w1, m_sizes, gather, topk, permute_x=True, permute_y=False,
                            topk_weights=None, fuse_mul_post=False, config=None)
     dx_cfg = dw_cfg = None
-    if swiglu:
-        forward_cfg = _swiglu_forward_config(x, w1, m_sizes, gather, topk, dims, autotune)
-    else:
-        forward_cfg = api._forward_config(None, autotune, dims, x, w1, m_sizes, gather, topk,
-                                          True, False, None, False)
+    # the SiLU gate runs after the GEMM (its own pass): the same forward config either way
+    forward_cfg = api._forward_config(None, autotune, dims, x, w1, m_sizes, gather, topk,
+                                      True, False, None, False)
     if autotune:
         dx_cfg, dw_cfg = api._backward_configs(None, None, dims, x, w1, m_sizes, gather, topk,
                                                True, False)
@@ -137,8 +122,8 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     The general block behind ``moe_experts`` and the transformers integration: w1 [E, N1, H]
     and w2 [E, H, I] in ``nn.Linear`` layout (any strides: transposed views are not copied),
     ``mid`` maps the first GEMM's rows [M, N1] to [M, I] (a model's own gate, or a plain
-    activation); None is SiLU-gating of concatenated [gate | up] rows, computed in the first
-    GEMM's epilogue. The second GEMM writes its rows once, in expert order; the routing
+    activation); None is SiLU-gating of concatenated [gate | up] rows, one fused pass after
+    the first GEMM (forward and backward). The second GEMM writes its rows once, in expert order; the routing
     weights and the top-k sum are applied by one combine pass (whose backward forms dY and
     the routing weights' gradient together). The result has hidden's dtype; the GEMMs run
     in w1's dtype.
@@ -167,15 +152,15 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         if fused_gate:
             a = _block_ops.swiglu_gemm(
                 x, w1, m_sizes, gather, topk, True,
-                *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune,
-                                     swiglu=True), pos)                       # [M, I]
+                *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune),
+                pos)                                                          # [M, I]
         else:
             # rows past sum(m_sizes) (dropped slots) stay unwritten through mid: nothing
             # downstream reads them
             h = _block_ops.gather_gemm(
                 x, w1, m_sizes, gather, topk, True,
-                *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune,
-                                     swiglu=False), pos)                      # [M, N1]
+                *_first_gemm_configs(x, w1, m_sizes, gather, topk, autotune),
+                pos)                                                          # [M, N1]
             if b1 is not None:
                 h = h + _bias_rows(b1.to(h.dtype), index, gather, num_experts)
             a = mid(h)                                                        # [M, I]

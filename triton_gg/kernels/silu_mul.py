@@ -1,9 +1,15 @@
 """A = silu(gate) * up on H = [gate | up] rows: A [M, I] from H [M, 2I], one pass.
 
-The elementwise half of the SwiGLU forward when H comes from the plain (persistent) forward
-GEMM instead of the fused SwiGLU GEMM's epilogue: fp32 inside, A rounded once, computed from
-the rounded H exactly as the fused epilogue does (the backward differentiates the stored H).
-Measured against the fused kernel by ``python -m benchmarks.persistent_probe --op swiglu``.
+The elementwise half of the block's SwiGLU forward: H comes from the persistent forward GEMM
+(permute_x), then this pass forms A. fp32 inside, A rounded once, from the rounded H (the
+backward differentiates the stored H). Measured on the H200 against the former fused kernel
+(SiLU-gating in a one-tile-per-program GEMM's epilogue): 0.827 against 0.908 ms at
+Qwen3-30B-A3B's gate_up, 2.51 against 3.16 ms at Llama-4-Scout's, A identical
+(benchmarks/NOTES.md step 13).
+
+Only rows below sum(m_sizes) are read and written: rows past it belong to dropped routing
+slots (other ranks' experts under expert parallelism), which the GEMM leaves unwritten and
+nothing downstream reads; on a rank holding 1/8 of the experts that is most of the rows.
 """
 
 import triton
@@ -11,26 +17,32 @@ import triton.language as tl
 
 
 @triton.jit
-def _silu_mul_kernel(h_ptr, a_ptr, M, I: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_I: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _silu_mul_kernel(h_ptr, a_ptr, m_sizes_ptr, E, I: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_I: tl.constexpr, E_POW2: tl.constexpr):
+    experts = tl.arange(0, E_POW2)
+    routed = tl.sum(tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int64), 0)
+    first = tl.program_id(0).to(tl.int64) * BLOCK_M
+    if first >= routed:
+        return
+    rows = first + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (rows[:, None] < M) & (cols[None, :] < I)
-    rows64 = rows.to(tl.int64)
-    h_offsets = rows64[:, None] * (2 * I) + cols[None, :]
+    mask = (rows[:, None] < routed) & (cols[None, :] < I)
+    h_offsets = rows[:, None] * (2 * I) + cols[None, :]
     gate = tl.load(h_ptr + h_offsets, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(h_ptr + h_offsets + I, mask=mask, other=0.0).to(tl.float32)
     a = gate * tl.sigmoid(gate) * up
-    tl.store(a_ptr + rows64[:, None] * I + cols[None, :], a.to(a_ptr.dtype.element_ty),
+    tl.store(a_ptr + rows[:, None] * I + cols[None, :], a.to(a_ptr.dtype.element_ty),
              mask=mask)
 
 
-def launch_silu_mul(h, a, *, block_m=32, block_i=128, num_warps=4):
-    """a [M, I] (preallocated) from h [M, 2I], both contiguous."""
+def launch_silu_mul(h, a, m_sizes, *, block_m=32, block_i=128, num_warps=4):
+    """a [M, I] (preallocated) from h [M, 2I], both contiguous; rows < sum(m_sizes)."""
+    from triton_gg.kernels.forward import next_pow2
     m, inter = a.shape
-    if m == 0 or inter == 0:
+    if m == 0 or inter == 0 or m_sizes.numel() == 0:
         return a
     grid = (triton.cdiv(m, block_m), triton.cdiv(inter, block_i))
-    _silu_mul_kernel[grid](h, a, m, inter, BLOCK_M=block_m, BLOCK_I=block_i,
+    _silu_mul_kernel[grid](h, a, m_sizes, m_sizes.shape[0], inter, BLOCK_M=block_m,
+                           BLOCK_I=block_i, E_POW2=next_pow2(m_sizes.shape[0]),
                            num_warps=num_warps)
     return a
