@@ -21,10 +21,10 @@ def run_steps(hidden, gate_up, down, idx, w, e, k):
     def route():
         state["r"] = route_with_positions(idx, e)
 
-    def configs():
+    def configs():  # inside routing_trusted, as the block calls it (no value check)
         m_sizes, gather, _ = state["r"]
-        state["c"] = moe._first_gemm_configs(hidden, gate_up, m_sizes, gather, k, True,
-                                             swiglu=True)
+        with routing_trusted():
+            state["c"] = moe._first_gemm_configs(hidden, gate_up, m_sizes, gather, k, True)
 
     def first_gemm():
         m_sizes, gather, pos = state["r"]
