@@ -46,8 +46,8 @@ def time_torch_interleaved(fns: dict, *, warmup: int = 3, inner: int = 10,
     of them see the same clock state. Why: under sustained tensor-core load the H200's SM
     clock falls (1905 -> 1440 MHz measured during a 2.3 ms GEMM timed back to back,
     benchmarks/NOTES.md step 13), so timing implementations one after another favours
-    whichever ran first or after a pause. A function that raises during warm-up is
-    reported as its exception instead of a time."""
+    whichever ran first or after a pause. A function that raises (in warm-up or in a
+    round) is reported as its exception instead of a time."""
     import torch
     live, out = {}, {}
     for name, fn in fns.items():
@@ -60,8 +60,12 @@ def time_torch_interleaved(fns: dict, *, warmup: int = 3, inner: int = 10,
             out[name] = e
     samples = {name: [] for name in live}
     for _ in range(reps):
-        for name, fn in live.items():
-            samples[name].append(_events_ms(fn, inner))
+        for name, fn in list(live.items()):
+            try:
+                samples[name].append(_events_ms(fn, inner))
+            except Exception as e:  # noqa: BLE001  (e.g. out of memory in a later round)
+                out[name] = e
+                del live[name], samples[name]
     out.update({name: statistics.median(v) for name, v in samples.items()})
     return out
 

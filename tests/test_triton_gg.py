@@ -241,6 +241,33 @@ def test_persistent_dw_any_program_count(programs, fusion):
     assert_close(dw, expected_direct(inp, "dW"), case.dtype, f"dW, {programs} programs")
 
 
+@pytest.mark.parametrize("programs", [1, 3, 50])
+def test_persistent_kernels_with_many_tiles_per_expert(programs):
+    """Skewed routing: an expert spans several M-tiles (tile offsets inside an expert),
+    one expert is empty and the last has a partial tile; forward and dW against the
+    float64 reference, outputs poisoned."""
+    from triton_gg.kernels.dw import launch_dw
+    from triton_gg.kernels.forward import launch_forward
+    gen = torch.Generator().manual_seed(11)
+    tokens, topk, e, n, k = 30, 2, 4, 24, 40
+    m_sizes = torch.tensor([37, 0, 16, 7], dtype=torch.int32)  # 3 + 0 + 1 + 1 M-tiles of 16
+    gather = torch.randperm(tokens * topk, generator=gen).to(torch.int32)
+    x = torch.randn(tokens, k, generator=gen)
+    w = torch.randn(e, n, k, generator=gen)
+    dy = torch.randn(tokens * topk, n, generator=gen)
+    routing = (m_sizes, gather, topk)
+    y = torch.full((tokens * topk, n), POISON)
+    launch_forward(x, w, m_sizes, gather, None, y, y, topk=topk, permute_x=True,
+                   permute_y=False, fuse_mul_post=False, store_unweighted=False,
+                   config=SMALL_FWD, programs=programs)
+    assert_close(y, tref.forward(x, w, *routing, permute_x=True), "float32", "Y")
+    dw = torch.full((e, n, k), POISON)
+    launch_dw(x, dy, m_sizes, gather, dw, topk=topk, permute_x=True, permute_y=False,
+              config=SMALL_DW, programs=programs)
+    assert_close(dw, tref.dW(x, dy, *routing, permute_x=True), "float32", "dW")
+    assert torch.all(dw[1] == 0)
+
+
 # -------------------------------------------------------------------- validation
 
 def _plain_inputs():

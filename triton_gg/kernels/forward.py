@@ -7,7 +7,7 @@
   STORE_UNWEIGHTED the unscaled row is also stored (the autograd op needs it for the
   gradient of the routing weights).
 
-Persistent grid: one program (or two, see ``programs_per_sm``) per SM walks the output
+Persistent grid: one program (or two, see ``schedule.programs_for``) per SM walks the output
 tiles tile, tile + programs, ... The tile loop and the K loop form one flattened loop
 (``tl.range(..., flatten=True)``), so Triton's software pipeliner issues the next tile's
 first loads while the current tile's epilogue runs. A one-tile-per-program grid paid every

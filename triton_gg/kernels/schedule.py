@@ -1,12 +1,14 @@
 """The work schedule, computed inside the kernels from ``m_sizes`` alone.
 
 Forward and dX tile the routed rows expert by expert: expert e contributes
-``cdiv(m_sizes[e], BLOCK_M)`` M-tiles, and the grid launches an upper bound of
-``cdiv(M, BLOCK_M) + E`` of them (no host sync to learn the exact count). Each program finds
-its expert with a prefix sum over the (at most a few hundred) experts held in registers: a
-handful of vector instructions, cheaper than a separate launch that builds a tile table, and
-it keeps every kernel launchable on any contiguous range of experts (expert parallelism just
-passes the local ``m_sizes``).
+``cdiv(m_sizes[e], BLOCK_M)`` M-tiles. dX (one program per tile) launches an upper bound of
+``cdiv(M, BLOCK_M) + E`` programs (no host sync to learn the exact count) and each finds its
+expert with ``locate_m_tile``. The persistent kernels (forward, dW) launch ``programs_for``
+programs, build the per-expert table once per program (``expert_tile_table``: the exact tile
+count) and look each visited tile up in it (``find_m_tile``). Either way the prefix sum over
+the experts is a handful of vector instructions, cheaper than a separate launch that builds
+a tile table, and every kernel stays launchable on any contiguous range of experts (expert
+parallelism just passes the local ``m_sizes``).
 """
 
 import triton

@@ -8,8 +8,10 @@ Qwen3-30B-A3B's gate_up, 2.51 against 3.16 ms at Llama-4-Scout's, A identical
 (benchmarks/NOTES.md step 13).
 
 Only rows below sum(m_sizes) are read and written: rows past it belong to dropped routing
-slots (other ranks' experts under expert parallelism), which the GEMM leaves unwritten and
-nothing downstream reads; on a rank holding 1/8 of the experts that is most of the rows.
+slots (other ranks' experts under expert parallelism), which the GEMM leaves unwritten; on a
+rank holding 1/8 of the experts that is most of the rows. (The SwiGLU backward pass,
+``swiglu_backward.py``, still covers all M rows: it reads those unwritten rows of H and
+writes dH there, which no later kernel reads; bounding it the same way is left to do.)
 """
 
 import triton
