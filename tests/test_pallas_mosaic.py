@@ -4,6 +4,7 @@ kernels, the shared case list through the public functions with backend="mosaic"
 differentiable op on it against the Triton lowering, the race detector on one case, and the
 refusals (fp32, shapes without whole TMA blocks, ragged_dot)."""
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -64,10 +65,25 @@ def test_tile_schedule_zero_tail_covers_the_rows_past_the_experts(m_sizes, m, bl
 SMALL = MosaicConfig(block_m=64, block_n=32, block_k=32, max_concurrent_steps=2, num_sms=4)
 
 
+@pytest.mark.parametrize("num_tiles,grid_n,group", [(7, 3, 1), (7, 3, 2), (7, 3, 3),
+                                                     (7, 3, 8), (1, 5, 8), (16, 1, 4)])
+def test_grouped_visit_order_is_a_bijection(num_tiles, grid_n, group):
+    """Every (tile, N-block) pair is visited exactly once, in groups of `group` tiles per
+    N-block (the last group smaller)."""
+    from pallas_gg.mosaic_lowering._common import grouped_visit
+    seen = [tuple(int(v) for v in grouped_visit(i, num_tiles, grid_n, group))
+            for i in range(num_tiles * grid_n)]
+    assert sorted(seen) == [(t, n) for t in range(num_tiles) for n in range(grid_n)]
+    if group > 1 and grid_n > 1 and num_tiles >= group:
+        assert [t for t, _ in seen[:group]] == list(range(group))  # one column, `group` tiles
+        assert {n for _, n in seen[:group]} == {0}
+
+
 @pytest.mark.parametrize("m_sizes,n,k", [([64, 0, 100, 93], 64, 96), ([5, 0, 0, 1, 70], 32, 32),
                                          ([3], 32, 64), ([0, 0], 32, 32)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_grouped_matmul_forward_and_dx(m_sizes, n, k, dtype):
+@pytest.mark.parametrize("group_m", [1, 3, 8])
+def test_grouped_matmul_forward_and_dx(m_sizes, n, k, dtype, group_m):
     rng = np.random.default_rng(sum(m_sizes) + n)
     m, e = sum(m_sizes), len(m_sizes)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -75,10 +91,11 @@ def test_grouped_matmul_forward_and_dx(m_sizes, n, k, dtype):
     dy = rng.standard_normal((m, n)).astype(np.float32)
     sizes = np.asarray(m_sizes, np.int32)
     j = {a: jnp.asarray(v, dtype) for a, v in (("x", x), ("w", w), ("dy", dy))}
-    y = grouped_matmul(j["x"], j["w"], jnp.asarray(sizes), transpose_rhs=True, config=SMALL,
+    cfg = dataclasses.replace(SMALL, group_m=group_m)
+    y = grouped_matmul(j["x"], j["w"], jnp.asarray(sizes), transpose_rhs=True, config=cfg,
                        interpret=True)
     dx = grouped_matmul(j["dy"], j["w"], jnp.asarray(sizes), transpose_rhs=False,
-                        config=SMALL, interpret=True)
+                        config=cfg, interpret=True)
     xr, wr, dyr = (np.asarray(j[a].astype(jnp.float32)) for a in ("x", "w", "dy"))
     gather = np.arange(m, dtype=np.int32)
     ref_y = reference.forward(xr, wr, sizes, gather, 1)

@@ -36,3 +36,19 @@ def launch(kernel, args, interpret):
               else plgpu.InterpretGPUParams())
     with plgpu.force_gpu_interpret_mode(params):
         return kernel(*args)
+
+
+def grouped_visit(index, num_tiles: int, grid_n: int, group: int):
+    """Visit number -> (schedule tile, N-block): `group` consecutive tiles walk each
+    N-column together, so the weight blocks of an expert are read by its row blocks while
+    they are in L2. Row-major order (group 1: a tile sweeps every N-block before the next
+    tile starts) streamed an expert's whole weight once per row block: at llama4_w1 (168 MB
+    per expert) that made the plain Triton forward memory-bound (518 against 583 TFLOP/s
+    grouped; benchmarks/NOTES.md step 13). num_tiles, grid_n and group are static."""
+    if group <= 1:
+        return index // grid_n, index % grid_n
+    per_group = group * grid_n
+    first = (index // per_group) * group
+    size = jnp.minimum(num_tiles - first, group)
+    within = index % per_group
+    return first + within % size, within // size

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_gg.mosaic_lowering._common import run_persistent
+from pallas_gg.mosaic_lowering._common import grouped_visit, run_persistent
 from pallas_gg.mosaic_lowering.schedule import tile_schedule
 
 
@@ -39,6 +39,9 @@ class MosaicConfig:
     # 1: one warpgroup loads, multiplies and stores (this module); 2: two compute
     # warpgroups split block_n and a memory warpgroup feeds them (``matmul_ws``)
     compute_wgs: int = 1
+    # visits walk group_m schedule tiles per N-block column (L2 reuse of the expert's
+    # weight blocks; 1 = row-major): ``_common.grouped_visit``
+    group_m: int = 8
 
 
 def _check(lhs, rhs, m_sizes, transpose_rhs, cfg):
@@ -101,14 +104,14 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
     num_experts = rhs.shape[0]
     sched = tile_schedule(m_sizes, m, cfg.block_m, zero_tail=True)
     grid_n = n // cfg.block_n
-    visits = sched.expert.shape[0] * grid_n
+    num_tiles = sched.expert.shape[0]
+    visits = num_tiles * grid_n
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
 
     def body(expert_g, block_g, start_g, rows_g, lhs_gmem, rhs_gmem, out_gmem):
         @plgpu.nd_loop((visits,), collective_axes="sm")
         def _visit(info: plgpu.NDLoopInfo):
-            tile = info.index[0] // grid_n
-            ni = info.index[0] % grid_n
+            tile, ni = grouped_visit(info.index[0], num_tiles, grid_n, cfg.group_m)
             rows = rows_g[tile]
 
             @pl.when(rows > 0)

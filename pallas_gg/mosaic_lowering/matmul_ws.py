@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_gg.mosaic_lowering._common import run_persistent, smem_transforms
+from pallas_gg.mosaic_lowering._common import grouped_visit, run_persistent, smem_transforms
 from pallas_gg.mosaic_lowering.matmul import MosaicConfig, _check, store_row_range
 from pallas_gg.mosaic_lowering.schedule import tile_schedule
 
@@ -49,7 +49,8 @@ def grouped_matmul_ws(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
     num_experts = rhs.shape[0]
     sched = tile_schedule(m_sizes, m, bm, zero_tail=True)
     grid_n = n // bn
-    visits = sched.expert.shape[0] * grid_n
+    num_tiles = sched.expert.shape[0]
+    visits = num_tiles * grid_n
     dtype = lhs.dtype
     lhs_tf = smem_transforms(bk, dtype)
     rhs_tf = smem_transforms(bk if transpose_rhs else bn, dtype)
@@ -89,8 +90,7 @@ def grouped_matmul_ws(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
 
             @plgpu.nd_loop((visits,), collective_axes="sm")
             def _visit(info: plgpu.NDLoopInfo):
-                tile = info.index[0] // grid_n
-                ni = info.index[0] % grid_n
+                tile, ni = grouped_visit(info.index[0], num_tiles, grid_n, cfg.group_m)
                 rows = rows_g[tile]
                 expert, block, start = expert_g[tile], block_g[tile], start_g[tile]
                 compute = expert < num_experts  # expert == E: rows past sum(m_sizes)

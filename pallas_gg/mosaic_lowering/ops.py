@@ -57,7 +57,8 @@ def forward(x, w, m_sizes, gather_indices, topk_weights, *, topk, num_rows, perm
             permute_y, fuse_mul_post, config, interpret, out_dtype=None):
     check_supported(x, w)
     cfg = (default_matmul_config(w.shape[1]) if config is None else
-           MosaicConfig(config.block_m, config.block_n, config.block_k, config.num_stages))
+           MosaicConfig(config.block_m, config.block_n, config.block_k, config.num_stages,
+                        group_m=config.group_m))
     if permute_x:
         x = x[gather_indices // topk]
     y = grouped_matmul(x, w, m_sizes, transpose_rhs=True, config=cfg, interpret=interpret)
