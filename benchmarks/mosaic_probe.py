@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", default="",
                    help="extra Mosaic tiles to time on the plain forward and dX, "
                         "comma-separated BMxBNxBKxSTEPS[wWGS] (e.g. 128x128x64x6, "
-                        "128x256x64x3w2: two compute warpgroups)")
+                        "128x256x64x3w2: two compute warpgroups; a g<N> suffix sets the "
+                        "visit grouping, 128x256x64x3w2g1: row-major)")
     args = p.parse_args(argv)
     import jax
 
@@ -86,9 +87,11 @@ def _probe_shape(shape, tokens, sweep):
             timed({"shape": shape, "op": op, "backend": backend}, fn, a, b, op=op)
     from pallas_gg.mosaic_lowering.matmul import MosaicConfig, grouped_matmul
     for item in filter(None, sweep.split(",")):
-        tile, _, wgs = item.partition("w")
+        tile_wgs, _, group = item.partition("g")
+        tile, _, wgs = tile_wgs.partition("w")
         bm, bn, bk, steps = (int(v) for v in tile.split("x"))
-        cfg = MosaicConfig(bm, bn, bk, steps, compute_wgs=int(wgs or 1))
+        cfg = MosaicConfig(bm, bn, bk, steps, compute_wgs=int(wgs or 1),
+                           group_m=int(group or MosaicConfig.group_m))
         for op, lhs, transpose in (("fwd", x, True), ("dX", dy, False)):
             fn = jax.jit(lambda a, b, t=transpose: grouped_matmul(a, b, m_sizes,
                                                                   transpose_rhs=t, config=cfg))
