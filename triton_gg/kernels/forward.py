@@ -12,8 +12,10 @@ tiles tile, tile + programs, ... The tile loop and the K loop form one flattened
 (``tl.range(..., flatten=True)``), so Triton's software pipeliner issues the next tile's
 first loads while the current tile's epilogue runs. A one-tile-per-program grid paid every
 tile's pipeline fill and whole epilogue with the tensor cores idle: with 128 x 256 tiles
-one program fills an SM's shared memory. Measured on the H200 (benchmarks/NOTES.md, step
-13): 486 -> 616 TFLOP/s at qwen3_w1, the largest gains where the K loop is short.
+one program fills an SM's shared memory. Measured on the H200 by the tuner (do_bench, best
+config each; benchmarks/NOTES.md, step 13): 0.411 -> 0.369 ms where the K loop is short
+(qwen3_w2, K = 768), 2.45 -> 2.09 ms at llama4_w1 (mostly the tile order below), within
+2% at qwen3_w1 and gptoss_w1.
 
 The schedule comes from ``m_sizes`` alone: per-expert tile counts and row starts are
 computed once per program (a prefix sum over the experts, held in registers), and a few
