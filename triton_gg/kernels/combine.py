@@ -17,7 +17,7 @@ summed in a fixed order (deterministic).
 import triton
 import triton.language as tl
 
-from triton_gg.kernels.forward import next_pow2
+from triton_gg.kernels.schedule import next_pow2
 
 
 @triton.jit

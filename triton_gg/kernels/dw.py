@@ -21,8 +21,7 @@ import triton
 import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
-from triton_gg.kernels.forward import next_pow2
-from triton_gg.kernels.schedule import programs_for
+from triton_gg.kernels.schedule import next_pow2, programs_for
 from triton_gg.kernels.tma import descriptor_2d, tma_usable
 
 

@@ -10,8 +10,7 @@ import triton
 import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
-from triton_gg.kernels.forward import next_pow2
-from triton_gg.kernels.schedule import locate_m_tile, swizzle
+from triton_gg.kernels.schedule import locate_m_tile, next_pow2, swizzle
 from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 
 

@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
-from triton_gg.kernels.schedule import (expert_tile_table, find_m_tile, programs_for,
-                                        swizzle)
+from triton_gg.kernels.schedule import (expert_tile_table, find_m_tile, next_pow2,
+                                        programs_for, swizzle)
 from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 
 
@@ -113,10 +113,6 @@ def _forward_kernel(
             scale = tl.load(topk_weights_ptr + routed, mask=row_mask, other=0.0).to(tl.float32)
             acc = acc * scale[:, None]
         tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (max(1, n) - 1).bit_length())
 
 
 def launch_forward(x, w, m_sizes, gather_indices, topk_weights, y, y_unweighted, *, topk,

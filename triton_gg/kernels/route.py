@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
-from triton_gg.kernels.forward import next_pow2
+from triton_gg.kernels.schedule import next_pow2
 
 # Rows per block: the scatter kernel sorts BLOCK keys in registers (bitonic: log2(BLOCK) *
 # (log2(BLOCK) + 1) / 2 exchange steps, a chain of latency). Smaller blocks give more

@@ -11,8 +11,14 @@ a tile table, and every kernel stays launchable on any contiguous range of exper
 parallelism just passes the local ``m_sizes``).
 """
 
+import torch
 import triton
 import triton.language as tl
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): register vectors over the experts."""
+    return 1 << max(0, (max(1, n) - 1).bit_length())
 
 
 @triton.jit
@@ -80,7 +86,6 @@ def programs_for(device, config, element_size: int, stage_elems: int) -> int:
     run during the first one's epilogue (measured: 128 x 128 tiles on 4 warps, two per
     SM, 554 against 500 TFLOP/s for one 8-warp program at qwen3_w2, K = 768). On the
     interpreter a few programs still exercise the tile loop's striding."""
-    import torch
     if device.type != "cuda":
         return 3
     buffers = config.num_stages * stage_elems * element_size

@@ -17,6 +17,8 @@ writes dH there, which no later kernel reads; bounding it the same way is left t
 import triton
 import triton.language as tl
 
+from triton_gg.kernels.schedule import next_pow2
+
 
 @triton.jit
 def _silu_mul_kernel(h_ptr, a_ptr, m_sizes_ptr, E, I: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -39,7 +41,6 @@ def _silu_mul_kernel(h_ptr, a_ptr, m_sizes_ptr, E, I: tl.constexpr, BLOCK_M: tl.
 
 def launch_silu_mul(h, a, m_sizes, *, block_m=32, block_i=128, num_warps=4):
     """a [M, I] (preallocated) from h [M, 2I], both contiguous; rows < sum(m_sizes)."""
-    from triton_gg.kernels.forward import next_pow2
     m, inter = a.shape
     if m == 0 or inter == 0 or m_sizes.numel() == 0:
         return a
