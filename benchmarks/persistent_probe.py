@@ -1,6 +1,10 @@
 """Probe: tile configs of the persistent forward kernel (triton_gg/kernels/forward.py)
 against the public function with its tuned config and torch._grouped_mm, same process,
-same inputs (random routing), CUDA-event medians with warm L2 (benchmarks/timing.py).
+same inputs (random routing), timed in interleaved rounds (CUDA-event medians, warm L2;
+benchmarks/timing.py). ``--op dW``: dW tile configs, each with pointer stores and with the
+TMA store; ``--op swiglu``: the block's first GEMM with and without the silu-mul pass.
+(Session 5 timed the forward with full tiles stored through TMA too: 2-6% slower, removed;
+benchmarks/NOTES.md step 14.)
 (Session 4's first run of this probe compared the persistent kernel, then in a file of its
 own, with the one-tile-per-program kernel it replaced; benchmarks/NOTES.md step 13.)
 
@@ -20,17 +24,15 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.problems import make_problem
-from benchmarks.timing import time_torch, time_torch_interleaved
+from benchmarks.timing import time_torch_interleaved
 from benchmarks.torch_impls import TorchInputs
 from gg_spec import DWConfig, ForwardConfig
 
 # (name, config, programs per SM)
 _T = dict(tma_load_w=True, tma_load_x=True)
 VARIANTS = [
-    ("p128x256_g1", ForwardConfig(128, 256, 64, 8, 3, 1, **_T), 1),
     ("p128x256_g8", ForwardConfig(128, 256, 64, 8, 3, 8, **_T), 1),
     ("p128x256_g8_ws", ForwardConfig(128, 256, 64, 8, 3, 8, **_T, warp_specialize=True), 1),
-    ("p128x128_g8_s4", ForwardConfig(128, 128, 64, 8, 4, 8, **_T), 1),
     ("p128x128_g8_w4x2", ForwardConfig(128, 128, 64, 4, 3, 8, **_T), 2),
 ]
 
@@ -41,7 +43,37 @@ def _fusions(first_gemm: bool):
         ("permute_y_mul", False, True, True)]
 
 
+def _with_stores(variants, field):
+    """Each (name, config, ...) as is and with its output stored through TMA."""
+    out = []
+    for name, config, *rest in variants:
+        out.append((name, config, *rest))
+        out.append((name + "+tma_store", config.replace(**{field: True}), *rest))
+    return out
+
+
+def _report(rows, times, outputs, ref, problem, name, impl_of):
+    """Rows (and a printed line) for each timed variant, with the max relative error of
+    its output against `ref`."""
+    scale = ref.float().abs().max().item() or 1.0
+    for key, ms in times.items():
+        impl, variant = impl_of(key)
+        if isinstance(ms, Exception):
+            print(f"{name} {impl} {variant}: failed: {str(ms).splitlines()[0][:160]}",
+                  flush=True)
+            continue
+        out = outputs.get(key)
+        err = None if out is None else (out.float() - ref.float()).abs().max().item() / scale
+        tf = problem.flops / ms / 1e9
+        rows.append(dict(shape=name, tokens=problem.tokens, impl=impl, variant=variant, ms=ms,
+                         tflops=tf, rel_err=err))
+        print(f"{name:10s} {impl:24s} {variant:28s} {ms:8.4f} ms {tf:7.1f} TF/s"
+              + (f"  err {err:.1e}" if err is not None else ""), flush=True)
+
+
 def run_shape(name: str, tokens: int, rows: list):
+    """The forward: the public function (tuned config), torch._grouped_mm and the variants
+    (bare launches into a NaN-poisoned output), timed in interleaved rounds."""
     import triton_gg
     import gg_spec
     from triton_gg.kernels.forward import launch_forward
@@ -49,67 +81,50 @@ def run_shape(name: str, tokens: int, rows: list):
 
     problem = make_problem(name, tokens)
     inp = TorchInputs(problem)
-    flops = problem.flops
     routing = (inp.m_sizes, inp.gather, inp.topk)
     m, n = problem.m, problem.shape.n
-
-    def record(impl, variant, ms, err=None):
-        tf = flops / ms / 1e9
-        rows.append(dict(shape=name, tokens=tokens, impl=impl, variant=variant, ms=ms,
-                         tflops=tf, rel_err=err))
-        print(f"{name:10s} {impl:22s} {variant:22s} {ms:8.4f} ms {tf:7.1f} TF/s"
-              + (f"  err {err:.2e}" if err is not None else ""), flush=True)
-
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     w_t = inp.w.transpose(1, 2)
-    record("torch_grouped_mm", "-", time_torch(
-        lambda: torch._grouped_mm(inp.x, w_t, offs=inp.offs)))
     for fusion, px, py, mul in [("plain", False, False, False)] + _fusions(
             problem.shape.is_first_gemm):
         x = inp.x_tokens if px else inp.x
         kw = dict(permute_x=px, permute_y=py, fuse_mul_post=mul)
-        ref = triton_gg.grouped_gemm_forward(x, inp.w, *routing, autotune=True,
-                                             topk_weights=inp.topk_weights if mul else None,
-                                             **kw)
-        record(f"triton_gg_{fusion}", "tuned", time_torch(
-            lambda: triton_gg.grouped_gemm_forward(
-                x, inp.w, *routing, autotune=True,
-                topk_weights=inp.topk_weights if mul else None, **kw)))
-        scale = ref.float().abs().max().item()
+        weights = inp.topk_weights if mul else None
+
+        def public(x=x, kw=kw, weights=weights):
+            return triton_gg.grouped_gemm_forward(x, inp.w, *routing, autotune=True,
+                                                  topk_weights=weights, **kw)
+        ref = public()
+        fns = {("torch_grouped_mm", "-"): lambda: torch._grouped_mm(inp.x, w_t, offs=inp.offs),
+               (f"triton_gg_{fusion}", "tuned"): public}
+        outputs = {}
         for vname, config, per_sm in VARIANTS:
             if px:
                 config = config.replace(tma_load_x=False)
             y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
-            programs = per_sm * torch.cuda.get_device_properties(0).multi_processor_count
-
-            def call():
-                launch_forward(
-                    x, inp.w, inp.m_sizes, inp.gather, inp.topk_weights, y, y, topk=inp.topk,
-                    store_unweighted=False, config=config, programs=programs, **kw)
-            try:
-                call()
-                torch.cuda.synchronize()
-            except Exception as exc:  # a variant this compiler cannot build
-                print(f"{name} {fusion} {vname}: failed: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:160]}", flush=True)
-                continue
-            err = ((y.float() - ref.float()).abs().max().item() / scale) if scale else 0.0
-            record(f"persistent_{fusion}", vname, time_torch(call), err)
+            outputs[(f"persistent_{fusion}", vname)] = y
+            fns[(f"persistent_{fusion}", vname)] = (
+                lambda x=x, y=y, config=config, per_sm=per_sm, kw=kw: launch_forward(
+                    x, inp.w, inp.m_sizes, inp.gather, inp.topk_weights, y, y,
+                    topk=inp.topk, store_unweighted=False, config=config,
+                    programs=per_sm * sms, **kw))
+        times = time_torch_interleaved(fns)
+        _report(rows, times, outputs, ref, problem, name, lambda key: key)
 
 
 DW_VARIANTS = [  # (name, config): the tuned config is timed too
     ("64x128x128_w8s3", DWConfig(64, 128, 128, 8, 3)),
     ("64x128x128_w4s3_x2", DWConfig(64, 128, 128, 4, 3)),
     ("64x256x128_w8s3", DWConfig(64, 256, 128, 8, 3)),
+    ("64x128x256_w8s3", DWConfig(64, 128, 256, 8, 3)),
     ("128x128x128_w8s3", DWConfig(128, 128, 128, 8, 3)),
 ]
 
 
 def run_dw(name: str, tokens: int, rows: list):
-    """dW: the persistent grid against one tile per program (the same kernel launched with
-    as many programs as output tiles), for the tuned config and a few others, timed in
-    interleaved rounds."""
-    import triton
-
+    """dW on its persistent grid: the tuned config and a few others, each with its output
+    tile stored by pointer stores and through TMA, timed in interleaved rounds with
+    torch._grouped_mm's backward for scale."""
     import gg_spec
     import triton_gg
     from triton_gg.kernels.dw import launch_dw
@@ -122,28 +137,15 @@ def run_dw(name: str, tokens: int, rows: list):
     dims = SimpleNamespace(num_experts=s.num_experts, n=s.n, k=s.k, m=problem.m)
     tuned = triton_gg.autotune.cached(triton_gg.autotune.key_for(
         "dW", dims, inp.x.dtype, inp.x.device)) or gg_spec.default_config("dW")
-    fns = {}
-    for vname, config in [("tuned", tuned)] + DW_VARIANTS:
-        tiles = s.num_experts * triton.cdiv(s.n, config.block_n) * triton.cdiv(
-            s.k, config.block_k)
-        for grid, programs in (("persistent", None), ("one_tile", tiles)):
-            out = torch.empty_like(inp.w)
-            fns[(vname, grid)] = (lambda out=out, config=config, programs=programs: launch_dw(
-                inp.x, inp.dy, inp.m_sizes, inp.gather, out, topk=inp.topk, permute_x=False,
-                permute_y=False, config=config, programs=programs), out)
-    times = time_torch_interleaved({k: f for k, (f, _) in fns.items()})
-    scale = ref.float().abs().max().item()
-    for (vname, grid), (_, out) in fns.items():
-        ms = times[(vname, grid)]
-        if isinstance(ms, Exception):
-            print(f"{name} dW {vname} {grid}: failed: {str(ms).splitlines()[0][:160]}")
-            continue
-        err = (out.float() - ref.float()).abs().max().item() / scale
-        tf = problem.flops / ms / 1e9
-        rows.append(dict(shape=name, tokens=tokens, impl=f"dW_{grid}", variant=vname, ms=ms,
-                         tflops=tf, rel_err=err))
-        print(f"{name:10s} dW {grid:10s} {vname:20s} {ms:8.4f} ms {tf:7.1f} TF/s err {err:.1e}",
-              flush=True)
+    fns, outputs = {}, {}
+    for vname, config in _with_stores([("tuned", tuned)] + DW_VARIANTS, "tma_store_dw"):
+        out = torch.full_like(inp.w, float("nan"))
+        outputs[vname] = out
+        fns[vname] = (lambda out=out, config=config: launch_dw(
+            inp.x, inp.dy, inp.m_sizes, inp.gather, out, topk=inp.topk, permute_x=False,
+            permute_y=False, config=config))
+    times = time_torch_interleaved(fns)
+    _report(rows, times, outputs, ref, problem, name, lambda key: ("dW_persistent", key))
 
 
 def run_swiglu(name: str, tokens: int, rows: list):

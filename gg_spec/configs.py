@@ -41,8 +41,9 @@ class _TileConfig:
 @dataclass(frozen=True)
 class ForwardConfig(_TileConfig):
     """Y = X @ W[e].T. TMA switches: load W; load X (not with permute_x, X is gathered);
-    store Y (not with permute_y, Y is scattered; neither backend has a TMA store yet, so
-    the switch is accepted and ignored). ``warp_specialize``: triton_gg only (Triton's
+    store Y (not with permute_y, Y is scattered; accepted and ignored by both backends:
+    storing full tiles through TMA measured 2-6% slower than pointer stores in triton_gg's
+    persistent forward, benchmarks/NOTES.md step 14). ``warp_specialize``: triton_gg only (Triton's
     automatic warp specialization of the persistent tile loop on Hopper); pallas_gg
     ignores it."""
 
@@ -70,7 +71,8 @@ class DXConfig(_TileConfig):
 class DWConfig(_TileConfig):
     """dW[e] = dY_e^T X_e; the reduction runs over each expert's rows (block_m is the
     reduction block). TMA switches: load X (not with permute_x), load dY (not with
-    permute_y), store dW (never scattered)."""
+    permute_y), store dW (never scattered; triton_gg only, pallas_gg ignores every TMA
+    switch)."""
 
     block_m: int = 32
     block_k: int = 128
@@ -166,6 +168,7 @@ def default_config(op: str) -> AnyConfig:
 # Hopper's tensor cores fed (wgmma wants 64-row multiples per warpgroup) at sizes that fit
 # shared memory for 3-4 pipeline stages of bf16 operands.
 # A sixth element, where present, sets further fields.
+_STORE_DW = {"tma_store_dw": True}
 _SEARCH = {
     # forward (persistent in triton_gg): 128 x 256 on two warpgroups, with and without
     # warp specialization; 128 x 128 on one warpgroup, two programs per SM; row-major order
@@ -179,9 +182,12 @@ _SEARCH = {
            (256, 64, 128, 8, 3), (64, 64, 256, 8, 3)],
     # dW: block_m is the reduction block, (block_n, block_k) the output tile
     # (persistent in triton_gg: the one-warpgroup tiles run two programs per SM)
+    # (and the two-warpgroup tiles once more with only the TMA store: NOTES step 14)
     "dW": [(64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (64, 128, 128, 4, 4),
            (32, 128, 128, 4, 4), (64, 128, 256, 8, 3), (64, 256, 128, 8, 3),
-           (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (32, 256, 128, 8, 4)],
+           (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (32, 256, 128, 8, 4),
+           (64, 128, 256, 8, 3, _STORE_DW), (64, 256, 128, 8, 3, _STORE_DW),
+           (64, 128, 128, 8, 3, _STORE_DW)],
 }
 
 
@@ -224,7 +230,8 @@ def valid_candidates(op: str, *, permute_x: bool = False, permute_y: bool = Fals
             validate(op, config, permute_x=permute_x, permute_y=permute_y)
         except ValueError:
             continue
-        out.append(config)
+        if config not in out:  # e.g. a store-only entry with every switch turned on
+            out.append(config)
     return out
 
 

@@ -9,6 +9,7 @@ miss. Interpreted runs (no GPU) are never timed: they take the cached or the def
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import time
 
 import jax
@@ -107,12 +108,13 @@ def _launcher(op, problem, topk, fusions, fuse_mul_post, config, interpret=False
 
 
 def _honoured(candidates):
-    """The candidates as this backend runs them: fields it ignores (warp_specialize) reset,
-    duplicates dropped, so no config is timed twice."""
+    """The candidates as this backend runs them: fields it ignores (warp_specialize, the
+    TMA switches) reset, duplicates dropped, so no config is timed twice."""
     out = []
     for config in candidates:
-        if getattr(config, "warp_specialize", False):
-            config = config.replace(warp_specialize=False)
+        ignored = {f.name: False for f in dataclasses.fields(config)
+                   if f.name == "warp_specialize" or f.name.startswith("tma_")}
+        config = config.replace(**ignored)
         if config not in out:
             out.append(config)
     return out

@@ -288,3 +288,14 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch):
     assert tuning_cache.load("pallas", key) is None
     (tmp_path / "tuned_pallas.json").write_text("not json")
     assert tuning_cache.load("pallas", key) is None
+
+
+@pytest.mark.parametrize("op", ["forward", "dX", "dW"])
+def test_candidates_are_distinct(op):
+    """No config is timed twice: a store-only dW entry turned all-TMA equals the plain
+    entry's all-TMA variant, and appears once."""
+    for flags in (dict(), dict(permute_x=True), dict(permute_y=True)):
+        found = gg_spec.valid_candidates(op, with_tma=True, **flags)
+        assert len(found) == len(set(found)), (op, flags)
+    assert any(c.tma_store_dw and not c.tma_load_x for c in
+               gg_spec.valid_candidates("dW", with_tma=True)), "the store-only dW entries"

@@ -816,3 +816,15 @@ def test_gpu_offsets_past_2_pow_31():
         assert rel_error(np.asarray(y[p], np.float64), ref_y) < 2e-2
         ref_dx = np.asarray(y[p], np.float64) @ w_e
         assert rel_error(np.asarray(dx[gather_np[p]], np.float64), ref_dx) < 2e-2
+
+
+def test_tuning_candidates_drop_what_pallas_ignores():
+    """pallas_gg honours no TMA switch and no warp specialization: its tuner resets them and
+    times each remaining config once."""
+    from pallas_gg.tuning import _honoured
+    for op in ("forward", "dX", "dW"):
+        found = _honoured(gg_spec.valid_candidates(op, with_tma=True))
+        assert len(found) == len(set(found))
+        for config in found:
+            assert not any(getattr(config, f) for f in vars(config)
+                           if f.startswith("tma_") or f == "warp_specialize"), config

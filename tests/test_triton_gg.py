@@ -168,6 +168,29 @@ def test_tma_configs(case):
     assert_close(d, expected_direct(inp, "dW"), case.dtype, "dW")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dw_tma_store(dtype):
+    """dW stored through TMA (a [1, BLOCK_N, BLOCK_K] tile of dW viewed [E, N, K], clipped
+    by the engine at N and K): N and K not multiples of the tile, empty experts, an output
+    poisoned with NaN, and rows past sum(m_sizes) (an expert-parallel rank's dropped slots)
+    left out of every sum."""
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(3)
+    sizes = [32, 17, 0, 48, 16, 5]
+    m_used, dropped, n, k = sum(sizes), 7, 40, 24   # SMALL_DW tiles: 32 x 16
+    x = torch.randn(m_used + dropped, k, generator=gen).to(dt)
+    dy = torch.randn(m_used + dropped, n, generator=gen).to(dt)
+    m_sizes = torch.tensor(sizes, dtype=torch.int32)
+    config = SMALL_DW.replace(tma_load_x=True, tma_load_dy=True, tma_store_dw=True)
+    from triton_gg.kernels.dw import launch_dw
+    dw = torch.full((len(sizes), n, k), POISON, dtype=dt)
+    launch_dw(x, dy, m_sizes, None, dw, topk=1, permute_x=False, permute_y=False,
+              config=config)
+    order = torch.arange(m_used, dtype=torch.int32)  # no permutation
+    assert_close(dw, tref.dW(x[:m_used], dy[:m_used], m_sizes, order, 1), dtype, "dW")
+    assert torch.all(dw[2] == 0), "dW of an empty expert"
+
+
 # -------------------------------------------------------------------- unwritten rows fail
 
 def test_poisoned_output_is_fully_overwritten(monkeypatch):
@@ -447,6 +470,27 @@ def test_gpu_autotune(case, tmp_path, monkeypatch):
     """Tuning on the GPU (times the search space), then the tuned configs are right."""
     monkeypatch.setenv("GG_CACHE_DIR", str(tmp_path))
     check_autograd(Inputs(case, device="cuda"), "autotune")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in gpu_cases((1024,)) if c.fusion.name in
+                                  ("plain", "permute_x")], ids=lambda c: c.id)
+def test_gpu_dw_tma_store(case, monkeypatch):
+    """dW stored through the TMA engine at real shapes, output poisoned with NaN: no tile
+    left unwritten."""
+    inp = Inputs(case, device="cuda")
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(POISON)
+        return out
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    for config in (gg_spec.DWConfig(tma_store_dw=True),
+                   gg_spec.configs.with_legal_tma("dW", gg_spec.DWConfig(), **inp.flags)):
+        d = triton_gg.grouped_gemm_dW(inp.x, inp.dy, *inp.routing, **inp.flags, config=config)
+        assert_close(d, expected_direct(inp, "dW"), case.dtype, f"dW {config.key()}")
 
 
 @pytest.mark.gpu

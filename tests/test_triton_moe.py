@@ -142,3 +142,29 @@ def test_route_sorts_foreign_ids_last():
     m_sizes, gather = triton_gg.route(torch.tensor([[-1, 0], [2, 1], [3, 9]]), 3)
     assert m_sizes.tolist() == [1, 1, 1]
     assert gather[:3].tolist() == [1, 3, 2] and sorted(gather[3:].tolist()) == [0, 4, 5]
+
+
+def test_first_gemm_backward_uses_the_unfused_tuned_keys(monkeypatch):
+    """The block's first GEMM runs its backward without permute_x (dX in expert order, dW
+    on a gathered copy of X): autotune must pick the configs tuned for the unfused keys,
+    not the permute_x ones."""
+    from types import SimpleNamespace
+
+    import gg_spec
+    from triton_gg import _ops, moe
+    from triton_gg import autotune as cache
+    tokens, experts, topk, h, n = 12, 4, 2, 32, 48
+    x = torch.randn(tokens, h)
+    w1 = torch.randn(experts, n, h)
+    m_sizes, gather = triton_gg.route(torch.randint(0, experts, (tokens, topk)), experts)
+    dims = SimpleNamespace(num_experts=experts, n=n, k=h, m=tokens * topk)
+    unfused = {"dX": gg_spec.DXConfig(block_m=32, block_n=32, block_k=64),
+               "dW": gg_spec.DWConfig(block_m=64, block_n=32, block_k=32)}
+    fused = {"dX": gg_spec.DXConfig(block_m=16), "dW": gg_spec.DWConfig(block_m=16)}
+    memory = {}
+    for op in ("dX", "dW"):
+        memory[cache.key_for(op, dims, x.dtype, x.device)] = unfused[op]
+        memory[cache.key_for(op, dims, x.dtype, x.device, permute_x=True)] = fused[op]
+    monkeypatch.setattr(cache, "_memory", memory)
+    _, dx_cfg, dw_cfg = moe._first_gemm_configs(x, w1, m_sizes, gather, topk, True)
+    assert dx_cfg == _ops.encode(unfused["dX"]) and dw_cfg == _ops.encode(unfused["dW"])

@@ -1,8 +1,8 @@
 """Config choice: a given config, the tuned one (autotune=True), or the default.
 
-The candidates are gg_spec's search space, each also with every legal TMA switch on (the TMA
-store switches are ignored by these kernels: an output tile can straddle two experts, and a
-tile store cannot be masked by rows).
+The candidates are gg_spec's search space, each also with every legal TMA switch on. Of the
+TMA store switches only dW's is honoured (a dW tile never straddles experts); a forward or
+dX tile can, and a tile store cannot be masked by rows.
 
 Tuning times every valid candidate of gg_spec's search space on the actual inputs (CUDA-event
 medians through ``triton.testing.do_bench``), keeps the fastest, and caches it in memory and on

@@ -28,15 +28,18 @@ def _routed_rows(m_sizes_ptr, E, E_POW2: tl.constexpr):
 
 
 @triton.jit
-def _combine_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, out_ptr, TOPK, E, H: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, E_POW2: tl.constexpr, T):
+def _combine_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, out_ptr, TOPK: tl.constexpr, E,
+                    H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                    E_POW2: tl.constexpr, T):
     rows_written = _routed_rows(m_sizes_ptr, E, E_POW2)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_mask = tokens < T
     mask = t_mask[:, None] & (cols[None, :] < H)
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for j in range(0, TOPK):
+    # unrolled (k is a compile-time constant): a token's k row loads are all in flight at
+    # once instead of one dependent round trip per slot
+    for j in tl.static_range(TOPK):
         routed = tokens.to(tl.int64) * TOPK + j
         p = tl.load(pos_ptr + routed, mask=t_mask, other=0).to(tl.int64)
         written = p < rows_written

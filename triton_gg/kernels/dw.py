@@ -14,6 +14,13 @@ Persistent grid: a program per SM (two where two sets of buffers fit) strides ov
 output tiles with the tile loop and the row loop flattened, as in ``forward.py``. An
 expert's reduction is short (~512 rows at qwen3 shapes: 8 steps of 64), so one tile per
 program spent much of its time filling the pipeline and storing.
+
+``tma_store_dw``: the output tile goes registers -> shared memory -> the TMA engine (dW
+viewed [E, N, K], so the engine clips each tile at N and K inside its expert), and the
+copy runs on while the next tile's MMAs start; with pointer stores the warps issue the
+whole 32-64 KB tile themselves before they can. Measured on the H200 (benchmarks/NOTES.md,
+step 14): 0.950 -> 0.850 ms at qwen3_w1 with the tuned tile; it needs shared memory for
+the staged tile, so a one-warpgroup tile no longer fits twice per SM.
 """
 
 import torch
@@ -22,15 +29,15 @@ import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
 from triton_gg.kernels.schedule import next_pow2, programs_for
-from triton_gg.kernels.tma import descriptor_2d, tma_usable
+from triton_gg.kernels.tma import descriptor, descriptor_2d, tma_usable
 
 
 @triton.jit
 def _dw_kernel(
-    x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, m_sizes_ptr, gather_ptr,
+    x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, dw_desc, m_sizes_ptr, gather_ptr,
     E, N: tl.constexpr, K: tl.constexpr, TOPK, num_programs, stride_de, stride_dn, stride_dk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr,
-    TMA_DY: tl.constexpr,
+    TMA_DY: tl.constexpr, TMA_DW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     E_POW2: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
@@ -49,17 +56,18 @@ def _dw_kernel(
         this = experts == expert
         expert_start = tl.sum(tl.where(this, starts, 0), 0)
         expert_rows = tl.sum(tl.where(this, sizes, 0), 0)
-        _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, gather_ptr, expert, expert_start,
-                 expert_rows, n_tile, k_tile, N, K, TOPK, stride_de, stride_dn, stride_dk,
-                 PERMUTE_X, PERMUTE_Y, TMA_X, TMA_DY, BLOCK_M, BLOCK_N, BLOCK_K,
-                 UPCAST_DOT, IEEE_DOT)
+        _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, dw_desc, gather_ptr, expert,
+                 expert_start, expert_rows, n_tile, k_tile, N, K, TOPK, stride_de, stride_dn,
+                 stride_dk, PERMUTE_X, PERMUTE_Y, TMA_X, TMA_DY, TMA_DW, BLOCK_M, BLOCK_N,
+                 BLOCK_K, UPCAST_DOT, IEEE_DOT)
 
 
 @triton.jit
-def _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, gather_ptr, expert, expert_start,
-             expert_rows, n_tile, k_tile, N: tl.constexpr, K: tl.constexpr, TOPK,
+def _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, dw_desc, gather_ptr, expert,
+             expert_start, expert_rows, n_tile, k_tile, N: tl.constexpr, K: tl.constexpr, TOPK,
              stride_de, stride_dn, stride_dk, PERMUTE_X: tl.constexpr,
              PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr, TMA_DY: tl.constexpr,
+             TMA_DW: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
     """One [BLOCK_N, BLOCK_K] tile of dW[expert], reduced over the expert's rows."""
@@ -101,10 +109,17 @@ def _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, gather_ptr, expert, expert_
         else:
             acc = tl.dot(tl.trans(dy), x, acc)
 
-    # dW[e] is [N, K] (any strides: grouped_mm writes a transposed [E, K, N] view)
-    out = (dw_ptr + expert.to(tl.int64) * stride_de + ns[:, None].to(tl.int64) * stride_dn
-           + ks[None, :] * stride_dk)
-    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+    if TMA_DW:
+        # dW as [E, N, K]: the engine clips the tile at N and K within this expert, and
+        # the shared -> global copy runs on while the next tile's MMAs start
+        tile = tl.reshape(acc.to(dw_ptr.dtype.element_ty), (1, BLOCK_N, BLOCK_K))
+        dw_desc.store([expert, n_tile * BLOCK_N, k_tile * BLOCK_K], tile)
+    else:
+        # dW[e] is [N, K] (any strides: grouped_mm writes a transposed [E, K, N] view)
+        out = (dw_ptr + expert.to(tl.int64) * stride_de
+               + ns[:, None].to(tl.int64) * stride_dn + ks[None, :] * stride_dk)
+        tl.store(out, acc.to(dw_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & k_mask[None, :])
 
 
 def launch_dw(x, dy, m_sizes, gather_indices, dw, *, topk, permute_x, permute_y, config,
@@ -115,17 +130,20 @@ def launch_dw(x, dy, m_sizes, gather_indices, dw, *, topk, permute_x, permute_y,
     num_experts, n, k = dw.shape
     if dw.numel() == 0:
         return dw
-    programs = programs or programs_for(dw.device, config, x.element_size(),
-                                        config.block_m * (config.block_n + config.block_k))
     tma_x = config.tma_load_x and not permute_x and tma_usable(x, config.block_k)
     tma_dy = config.tma_load_dy and not permute_y and tma_usable(dy, config.block_n)
+    tma_dw = config.tma_store_dw and dw.is_contiguous() and tma_usable(dw, config.block_k)
+    programs = programs or programs_for(dw.device, config, x.element_size(),
+                                        config.block_m * (config.block_n + config.block_k),
+                                        config.block_n * config.block_k if tma_dw else 0)
     _dw_kernel[(programs,)](
         x, dy,
         descriptor_2d(x, config.block_m, config.block_k) if tma_x else None,
         descriptor_2d(dy, config.block_m, config.block_n) if tma_dy else None,
-        dw, m_sizes, gather_indices if gather_indices is not None else m_sizes,
+        dw, descriptor(dw, (1, config.block_n, config.block_k)) if tma_dw else None,
+        m_sizes, gather_indices if gather_indices is not None else m_sizes,
         num_experts, n, k, topk, programs, *dw.stride(),
-        PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_X=tma_x, TMA_DY=tma_dy,
+        PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_X=tma_x, TMA_DY=tma_dy, TMA_DW=tma_dw,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         E_POW2=next_pow2(num_experts),
         UPCAST_DOT=INTERPRETING and x.dtype != torch.float32,

@@ -77,9 +77,11 @@ def find_m_tile(tile, experts, sizes, tiles, tiles_end, starts, BLOCK_M: tl.cons
     return expert, expert_start, expert_rows, (tile - first_tile) * BLOCK_M
 
 
-def programs_for(device, config, element_size: int, stage_elems: int) -> int:
+def programs_for(device, config, element_size: int, stage_elems: int,
+                 epilogue_elems: int = 0) -> int:
     """Grid size of a persistent kernel: programs per SM times the SM count.
-    ``stage_elems``: operand elements one pipeline stage holds (both tiles).
+    ``stage_elems``: operand elements one pipeline stage holds (both tiles);
+    ``epilogue_elems``: the output elements staged in shared memory for a TMA store.
 
     Two programs share an SM when two sets of pipeline buffers fit its shared memory
     (~227 KB on Hopper) and each program is one warpgroup: the second program's MMAs then
@@ -88,6 +90,6 @@ def programs_for(device, config, element_size: int, stage_elems: int) -> int:
     interpreter a few programs still exercise the tile loop's striding."""
     if device.type != "cuda":
         return 3
-    buffers = config.num_stages * stage_elems * element_size
+    buffers = (config.num_stages * stage_elems + epilogue_elems) * element_size
     per_sm = 2 if config.num_warps <= 4 and 2 * buffers <= 200 * 1024 else 1
     return per_sm * torch.cuda.get_device_properties(device).multi_processor_count

@@ -66,11 +66,17 @@ def tma_usable(t: torch.Tensor, inner_block: int) -> bool:
     return all((s * elem) % 16 == 0 for s in t.stride()[:-1]) and inner_block * elem >= 16
 
 
-def descriptor_2d(t2d: torch.Tensor, block_rows: int, block_cols: int):
+def descriptor(t: torch.Tensor, block: tuple[int, ...]):
+    """A host-side TMA descriptor over `t` (any rank, last dim contiguous) moving `block`
+    tiles."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    if t2d.is_cuda:
-        ensure_cuda_context(t2d.device)
-    return TensorDescriptor.from_tensor(t2d, [block_rows, block_cols])
+    if t.is_cuda:
+        ensure_cuda_context(t.device)
+    return TensorDescriptor.from_tensor(t, list(block))
+
+
+def descriptor_2d(t2d: torch.Tensor, block_rows: int, block_cols: int):
+    return descriptor(t2d, (block_rows, block_cols))
 
 
 def weights_2d(w: torch.Tensor) -> torch.Tensor | None:
