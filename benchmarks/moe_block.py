@@ -32,6 +32,29 @@ def grouped_mm_block(hidden, gate_up, down, idx, weights):
     return torch.zeros_like(hidden).index_add(0, order // topk, y)
 
 
+def block_inputs(tokens: int, seed: int = 0):
+    """Qwen3-30B-A3B's expert block at `tokens` tokens, bf16, on the GPU: hidden [T, H],
+    gate_up [E, 2I, H], down [E, H, I] (all requiring grad), the top-k of softmaxed random
+    logits as idx [T, k] and renormalised weights [T, k] (requiring grad), dout [T, H]."""
+    import gg_spec
+    preset = gg_spec.get_preset("qwen3_30b_a3b")
+    e, h_size, inter, k = preset.num_experts, preset.hidden, preset.intermediate, preset.topk
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dt = torch.bfloat16
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, device="cuda", dtype=dt) * scale)
+    hidden = randn(tokens, h_size).requires_grad_(True)
+    gate_up = randn(e, 2 * inter, h_size, scale=h_size**-0.5).requires_grad_(True)
+    down = randn(e, h_size, inter, scale=inter**-0.5).requires_grad_(True)
+    logits = torch.randn(tokens, e, generator=gen, device="cuda")
+    top = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+    idx, weights = top.indices, (top.values / top.values.sum(-1, keepdim=True)).to(dt)
+    weights.requires_grad_(True)
+    dout = randn(tokens, h_size)
+    return hidden, gate_up, down, idx, weights, dout
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.moe_block")
     p.add_argument("--tokens", type=int, default=8192)
@@ -49,22 +72,8 @@ def main(argv=None) -> int:
     import gg_spec
     import triton_gg
     gg_spec.set_value_checks(False)
-    preset = gg_spec.get_preset("qwen3_30b_a3b")
-    e, h_size, inter, k, t = (preset.num_experts, preset.hidden, preset.intermediate,
-                              preset.topk, args.tokens)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    dt = torch.bfloat16
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(shape, generator=gen, device="cuda", dtype=dt) * scale)
-    hidden = randn(t, h_size).requires_grad_(True)
-    gate_up = randn(e, 2 * inter, h_size, scale=h_size**-0.5).requires_grad_(True)
-    down = randn(e, h_size, inter, scale=inter**-0.5).requires_grad_(True)
-    logits = torch.randn(t, e, generator=gen, device="cuda")
-    top = torch.topk(torch.softmax(logits, -1), k, dim=-1)
-    idx, weights = top.indices, (top.values / top.values.sum(-1, keepdim=True)).to(dt)
-    weights.requires_grad_(True)
-    dout = randn(t, h_size)
+    t = args.tokens
+    hidden, gate_up, down, idx, weights, dout = block_inputs(t)
     params = (hidden, gate_up, down, weights)
 
     impls = {
