@@ -521,3 +521,22 @@ def test_gpu_offsets_past_2_pow_31():
         torch.testing.assert_close(y[p].double(), y_ref, rtol=2e-2, atol=2e-2)
         dx_ref = y[p].double() @ w[expert_of[p]].double()
         torch.testing.assert_close(dx[row].double(), dx_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_autotune_times_candidates_in_rounds(tmp_path, monkeypatch):
+    """Without a timer the candidates go to one interleaved timing (every candidate in
+    every round) and the fastest is kept; a candidate that fails to run is left out."""
+    from triton_gg import autotune
+    monkeypatch.setenv("GG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_memory", {})
+    candidates = gg_spec.valid_candidates("dX", with_tma=True)
+    target, broken = candidates[2], candidates[0]
+    seen = {}
+
+    def fake_rounds(runs):
+        seen.update(runs)
+        return {c: (1.0 if c == target else 2.0) for c in runs if c != broken}
+    monkeypatch.setattr(autotune, "_time_in_rounds", fake_rounds)
+    best = autotune.tune("dX", "dX|rounds-key", run_with=lambda cfg: cfg)
+    assert best == target
+    assert list(seen) == candidates and seen[target]() == target

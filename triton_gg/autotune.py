@@ -5,9 +5,9 @@ TMA store switches only dW's is honoured (a dW tile never straddles experts); a 
 dX tile can, and a tile store cannot be masked by rows.
 
 Tuning times every valid candidate of gg_spec's search space on the actual inputs (CUDA-event
-medians through ``triton.testing.do_bench``), keeps the fastest, and caches it in memory and on
-disk under ``gg_spec.tuning_key`` (E, N, K, fusions, dtype, routed-row bucket, device name), so
-a second process does not tune again. Interpreted (CPU) runs do not time anything: their
+medians in interleaved rounds of back-to-back calls: ``_time_in_rounds``), keeps the fastest,
+and caches it in memory and on disk under ``gg_spec.tuning_key`` (E, N, K, fusions, dtype,
+routed-row bucket, device name), so a second process does not tune again. Interpreted (CPU) runs do not time anything: their
 timings say nothing about a GPU, so they use a cached choice if one exists, else the default.
 Under torch.compile tracing, tuning is not possible either: cached or default.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 from typing import Callable
 
 import torch
@@ -59,26 +60,60 @@ def cached(key: str):
     return found
 
 
-def _time_on_gpu(run: Callable[[], object]) -> float:
-    import triton.testing
-    return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
+def _time_in_rounds(runs: dict, *, rounds: int = 5, calls: int = 10) -> dict:
+    """Milliseconds per call of each candidate ({config: fn}), measured in interleaved
+    rounds: every round times each candidate over `calls` back-to-back calls (CUDA events),
+    and the median over rounds is kept. Why not one candidate after the other: under
+    sustained tensor-core load the H200's SM clock falls (1905 -> 1440 MHz measured,
+    benchmarks/NOTES.md step 13), and a short burst per candidate (do_bench's 25 ms) times
+    each near the boost clock, which favours tiles that lose once the clock has fallen, as
+    it has in training and in the benchmark (NOTES step 14). A candidate that fails to
+    compile or run (e.g. too much shared memory) is left out."""
+    import torch
+    live = {}
+    for config, fn in runs.items():
+        try:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001  (a candidate this GPU cannot run)
+            continue
+        live[config] = fn
+    samples = {config: [] for config in live}
+    for _ in range(rounds):
+        for config, fn in live.items():
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            samples[config].append(start.elapsed_time(end) / calls)
+    return {config: statistics.median(v) for config, v in samples.items()}
 
 
 def tune(op: str, key: str, run_with: Callable[[object], object], *, permute_x=False,
          permute_y=False, timer: Callable[[Callable[[], object]], float] | None = None):
     """Time each valid candidate with `run_with(config)`, cache and return the fastest.
 
-    `timer(fn) -> ms` defaults to CUDA-event medians; tests pass a fake one."""
-    timer = timer or _time_on_gpu
+    Candidates are timed together in interleaved rounds (``_time_in_rounds``); `timer(fn)
+    -> ms`, where given, times them one by one instead (tests pass a fake one)."""
+    candidates = gg_spec.valid_candidates(op, permute_x=permute_x, permute_y=permute_y,
+                                          with_tma=True)
+    if timer is None:
+        times = _time_in_rounds({c: functools.partial(run_with, c) for c in candidates})
+    else:
+        times = {}
+        for config in candidates:
+            try:
+                times[config] = timer(lambda: run_with(config))
+            except Exception:  # a candidate that does not compile on this GPU
+                continue
     best, best_ms = None, math.inf
-    for config in gg_spec.valid_candidates(op, permute_x=permute_x, permute_y=permute_y,
-                                          with_tma=True):
-        try:
-            ms = timer(lambda: run_with(config))
-        except Exception:  # a candidate that does not compile on this GPU (e.g. shared memory)
-            continue
-        if ms < best_ms:
-            best, best_ms = config, ms
+    for config in candidates:  # the search-space order breaks ties
+        if times.get(config, math.inf) < best_ms:
+            best, best_ms = config, times[config]
     if best is None:
         best = gg_spec.default_config(op)
     _memory[key] = best
