@@ -407,3 +407,24 @@ def test_silu_mul_matches_the_fused_epilogue_math(rows, inter):
     gate, up = h.float().chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up  # fp32; A may differ by one bf16 rounding
     torch.testing.assert_close(a.float(), expected, rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_swiglu_backward_covers_only_the_routed_rows(in_place):
+    """dH of A = silu(gate) * up against autograd on the routed rows (rows 0..24 of 40, odd
+    widths), every such row and column written; rows past sum(m_sizes) (dropped slots,
+    which no GEMM reads) left as they were, also when dH overwrites H."""
+    from triton_gg.kernels.swiglu_backward import launch_swiglu_backward
+    gen = torch.Generator().manual_seed(7)
+    inter, routed = 37, 25
+    h = torch.randn(40, 2 * inter, generator=gen)
+    da = torch.randn(40, inter, generator=gen)
+    leaf = h[:routed].clone().requires_grad_(True)
+    gate, up = leaf.chunk(2, dim=-1)
+    expected, = torch.autograd.grad(torch.nn.functional.silu(gate) * up, leaf, da[:routed])
+    before = h.clone()
+    dh = h if in_place else torch.full_like(h, float("nan"))
+    launch_swiglu_backward(h, da, dh, torch.tensor([5, 0, 20], dtype=torch.int32))
+    torch.testing.assert_close(dh[:routed], expected, rtol=1e-5, atol=1e-6)
+    untouched = before[routed:] if in_place else torch.full_like(before[routed:], float("nan"))
+    torch.testing.assert_close(dh[routed:], untouched, equal_nan=True, rtol=0, atol=0)

@@ -65,20 +65,23 @@ def _swiglu_setup(ctx, inputs, output):
     ctx.save_for_backward(x, w, m_sizes, gather, pos, output[0])
 
 
-def swiglu_backward_impl(h, da):
-    """dH [M, 2I] of A = silu(gate) * up, from dA [M, I] (one fused pass)."""
+def swiglu_backward_impl(h, da, m_sizes):
+    """dH [M, 2I] of A = silu(gate) * up, from dA [M, I] (one fused pass); rows past
+    sum(m_sizes) (dropped slots, which no GEMM reads) are left unwritten."""
     h = h.contiguous()
     return launch_swiglu_backward(h, da.contiguous(),
-                                  torch.empty(h.shape, dtype=h.dtype, device=h.device))
+                                  torch.empty(h.shape, dtype=h.dtype, device=h.device),
+                                  m_sizes.contiguous())
 
 
 @torch.library.custom_op("triton_gg::swiglu_backward", mutates_args=())
-def swiglu_backward_op(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
-    return swiglu_backward_impl(h, da)
+def swiglu_backward_op(h: torch.Tensor, da: torch.Tensor, m_sizes: torch.Tensor
+                       ) -> torch.Tensor:
+    return swiglu_backward_impl(h, da, m_sizes)
 
 
 @swiglu_backward_op.register_fake
-def _(h, da):
+def _(h, da, m_sizes):
     return torch.empty_like(h)
 
 
@@ -87,7 +90,7 @@ def _swiglu_backward(ctx, grad_h, grad_a, *, run_dx=_ops.dx_op, run_dw=_ops.dw_o
     """The registered (traceable) backward runs custom ops; the eager Function passes the
     plain implementations."""
     x, w, m_sizes, gather, pos, h = ctx.saved_tensors
-    dh = run_act(h, grad_a) if grad_a is not None else torch.zeros_like(h)
+    dh = run_act(h, grad_a, m_sizes) if grad_a is not None else torch.zeros_like(h)
     if grad_h is not None:
         dh = dh + grad_h
     return _dx_dw(ctx, dh, x, w, m_sizes, gather, pos, run_dx=run_dx, run_dw=run_dw,
@@ -148,7 +151,8 @@ class _EagerSwigluGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_a):
         x, w, m_sizes, gather, pos, h = ctx.saved_tensors
-        dh = launch_swiglu_backward(h, grad_a.contiguous(), h)  # in place: dH over H
+        dh = launch_swiglu_backward(h, grad_a.contiguous(), h,  # in place: dH over H
+                                    m_sizes.contiguous())
         torch.autograd.graph.increment_version(h)  # the kernel's write, made visible
         return _dx_dw(ctx, dh, x, w, m_sizes, gather, pos, run_dx=_ops.dx_impl,
                       run_dw=_ops.dw_impl, run_combine=combine_impl)

@@ -17,21 +17,14 @@ summed in a fixed order (deterministic).
 import triton
 import triton.language as tl
 
-from triton_gg.kernels.schedule import next_pow2
-
-
-@triton.jit
-def _routed_rows(m_sizes_ptr, E, E_POW2: tl.constexpr):
-    """sum(m_sizes): positions past it hold no GEMM output."""
-    experts = tl.arange(0, E_POW2)
-    return tl.sum(tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int64), 0)
+from triton_gg.kernels.schedule import next_pow2, routed_rows
 
 
 @triton.jit
 def _combine_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, out_ptr, TOPK: tl.constexpr, E,
                     H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                     E_POW2: tl.constexpr, T):
-    rows_written = _routed_rows(m_sizes_ptr, E, E_POW2)
+    rows_written = routed_rows(m_sizes_ptr, E, E_POW2)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_mask = tokens < T
@@ -57,7 +50,7 @@ def _combine_backward_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, do_ptr, dy_ptr,
                              TOPK, E, H: tl.constexpr, BLOCK_R: tl.constexpr,
                              BLOCK_H: tl.constexpr, E_POW2: tl.constexpr,
                              NEED_DW: tl.constexpr):
-    rows_written = _routed_rows(m_sizes_ptr, E, E_POW2)
+    rows_written = routed_rows(m_sizes_ptr, E, E_POW2)
     routed = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = routed < R
     routed = routed.to(tl.int64)

@@ -77,6 +77,15 @@ def find_m_tile(tile, experts, sizes, tiles, tiles_end, starts, BLOCK_M: tl.cons
     return expert, expert_start, expert_rows, (tile - first_tile) * BLOCK_M
 
 
+@triton.jit
+def routed_rows(m_sizes_ptr, E, E_POW2: tl.constexpr):
+    """sum(m_sizes) (int64): expert-order positions at or past it belong to routing slots
+    that were dropped (expert ids outside [0, E): another rank's experts), which no GEMM
+    writes or reads."""
+    experts = tl.arange(0, E_POW2)
+    return tl.sum(tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int64), 0)
+
+
 def programs_for(device, config, element_size: int, stage_elems: int,
                  epilogue_elems: int = 0) -> int:
     """Grid size of a persistent kernel: programs per SM times the SM count.
