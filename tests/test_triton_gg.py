@@ -72,6 +72,19 @@ def assert_close(out: torch.Tensor, expected: torch.Tensor, dtype: str, what: st
     assert err <= gg_spec.tolerance(dtype), f"{what}: rel error {err:.3e} ({dtype})"
 
 
+def poison_new_outputs(monkeypatch):
+    """Every floating-point tensor from torch.empty starts as NaN (POISON): a kernel that
+    leaves any element of its output unwritten fails the finiteness check of assert_close."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(POISON)
+        return out
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
 def run_direct(inp: Inputs, op: str, mode: str):
     """Direct kernel call of `op`; mode "manual" (small configs), "default" or "autotune"."""
     manual, tune = mode == "manual", mode == "autotune"
@@ -198,14 +211,7 @@ def test_poisoned_output_is_fully_overwritten(monkeypatch):
     case = Case(gg_spec.get_shape("tiny_odd_w2"), 13, "float32", "empty_experts",
                 gg_spec.cases.Fusion(permute_y=True))
     inp = Inputs(case)
-    real_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(POISON)
-        return out
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    poison_new_outputs(monkeypatch)
     for op in ("forward", "dX", "dW"):
         out = run_direct(inp, op, "manual")
         assert_close(out, expected_direct(inp, op), "float32", op)
@@ -479,14 +485,7 @@ def test_gpu_dw_tma_store(case, monkeypatch):
     """dW stored through the TMA engine at real shapes, output poisoned with NaN: no tile
     left unwritten."""
     inp = Inputs(case, device="cuda")
-    real_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(POISON)
-        return out
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    poison_new_outputs(monkeypatch)
     for config in (gg_spec.DWConfig(tma_store_dw=True),
                    gg_spec.configs.with_legal_tma("dW", gg_spec.DWConfig(), **inp.flags)):
         d = triton_gg.grouped_gemm_dW(inp.x, inp.dy, *inp.routing, **inp.flags, config=config)
