@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     path = "/tmp/block_timeline_trace.json"
     prof.export_chrome_trace(path)
     calls = _split_calls(_kernels(path))
+    if not calls:
+        raise SystemExit(f"no flushed call recognised in {path}: no memset or fill kernel "
+                         f"over 20 us (a profiler that names kernels differently?)")
     spans = []
     for call in calls:
         flush_end = call[0]["ts"] + call[0]["dur"]

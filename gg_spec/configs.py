@@ -58,7 +58,8 @@ class ForwardConfig(_TileConfig):
 @dataclass(frozen=True)
 class DXConfig(_TileConfig):
     """dX = dY @ W[e]; the reduction runs over N. TMA switches: load W; load dY (not with
-    permute_y, dY is gathered); store dX (not with permute_x, dX is scattered)."""
+    permute_y, dY is gathered); store dX (not with permute_x, dX is scattered; accepted
+    and ignored by both backends: a dX tile can straddle two experts' rows)."""
 
     block_n: int = 64
     block_k: int = 256
@@ -192,7 +193,8 @@ _SEARCH = {
 
 
 def search_space(op: str) -> list[AnyConfig]:
-    """Candidate configs for autotuning ``op`` (without TMA; see ``tma_variants``)."""
+    """Candidate configs for autotuning ``op`` (TMA switches off, except the store-only dW
+    entries; ``valid_candidates(with_tma=True)`` adds each with every legal switch on)."""
     cls = CONFIG_TYPES[op]
     return [cls(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st,
                 **(extra[0] if extra else {}))

@@ -428,3 +428,20 @@ def test_swiglu_backward_covers_only_the_routed_rows(in_place):
     torch.testing.assert_close(dh[:routed], expected, rtol=1e-5, atol=1e-6)
     untouched = before[routed:] if in_place else torch.full_like(before[routed:], float("nan"))
     torch.testing.assert_close(dh[routed:], untouched, equal_nan=True, rtol=0, atol=0)
+
+
+def test_elementwise_passes_stop_at_m_when_m_sizes_overcount():
+    """m_sizes summing past M (possible with value checks off) must not take silu_mul or
+    the SwiGLU backward past row M: the tensors are views of longer poisoned buffers, whose
+    rows past M must stay untouched."""
+    from triton_gg.kernels.silu_mul import launch_silu_mul
+    from triton_gg.kernels.swiglu_backward import launch_swiglu_backward
+    rows, inter = 40, 24
+    overcount = torch.tensor([30, 30], dtype=torch.int32)  # 60 > 40
+    h_buf = torch.randn(64, 2 * inter)
+    a_buf = torch.full((64, inter), float("nan"))
+    launch_silu_mul(h_buf[:rows], a_buf[:rows], overcount)
+    assert torch.isfinite(a_buf[:rows]).all() and torch.isnan(a_buf[rows:]).all()
+    dh_buf = torch.full((64, 2 * inter), float("nan"))
+    launch_swiglu_backward(h_buf[:rows], torch.randn(rows, inter), dh_buf[:rows], overcount)
+    assert torch.isfinite(dh_buf[:rows]).all() and torch.isnan(dh_buf[rows:]).all()

@@ -85,6 +85,19 @@ def poison_new_outputs(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned_empty)
 
 
+def spy_descriptors(monkeypatch, module) -> list:
+    """Record the block shape of every TMA descriptor `module` builds (with ``descriptor``),
+    so a test can tell the TMA path ran rather than a silent fallback."""
+    real = module.descriptor
+    built = []
+
+    def spy(t, block):
+        built.append(tuple(block))
+        return real(t, block)
+    monkeypatch.setattr(module, "descriptor", spy)
+    return built
+
+
 def run_direct(inp: Inputs, op: str, mode: str):
     """Direct kernel call of `op`; mode "manual" (small configs), "default" or "autotune"."""
     manual, tune = mode == "manual", mode == "autotune"
@@ -182,7 +195,7 @@ def test_tma_configs(case):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_dw_tma_store(dtype):
+def test_dw_tma_store(dtype, monkeypatch):
     """dW stored through TMA (a [1, BLOCK_N, BLOCK_K] tile of dW viewed [E, N, K], clipped
     by the engine at N and K): N and K not multiples of the tile, empty experts, an output
     poisoned with NaN, and rows past sum(m_sizes) (an expert-parallel rank's dropped slots)
@@ -195,10 +208,12 @@ def test_dw_tma_store(dtype):
     dy = torch.randn(m_used + dropped, n, generator=gen).to(dt)
     m_sizes = torch.tensor(sizes, dtype=torch.int32)
     config = SMALL_DW.replace(tma_load_x=True, tma_load_dy=True, tma_store_dw=True)
-    from triton_gg.kernels.dw import launch_dw
+    from triton_gg.kernels import dw as dw_kernel
+    built = spy_descriptors(monkeypatch, dw_kernel)
     dw = torch.full((len(sizes), n, k), POISON, dtype=dt)
-    launch_dw(x, dy, m_sizes, None, dw, topk=1, permute_x=False, permute_y=False,
-              config=config)
+    dw_kernel.launch_dw(x, dy, m_sizes, None, dw, topk=1, permute_x=False, permute_y=False,
+                        config=config)
+    assert (1, 32, 16) in built, "the store did not go through a TMA descriptor"
     order = torch.arange(m_used, dtype=torch.int32)  # no permutation
     assert_close(dw, tref.dW(x[:m_used], dy[:m_used], m_sizes, order, 1), dtype, "dW")
     assert torch.all(dw[2] == 0), "dW of an empty expert"
@@ -486,10 +501,14 @@ def test_gpu_dw_tma_store(case, monkeypatch):
     left unwritten."""
     inp = Inputs(case, device="cuda")
     poison_new_outputs(monkeypatch)
+    from triton_gg.kernels import dw as dw_kernel
+    built = spy_descriptors(monkeypatch, dw_kernel)
     for config in (gg_spec.DWConfig(tma_store_dw=True),
                    gg_spec.configs.with_legal_tma("dW", gg_spec.DWConfig(), **inp.flags)):
+        built.clear()
         d = triton_gg.grouped_gemm_dW(inp.x, inp.dy, *inp.routing, **inp.flags, config=config)
         assert_close(d, expected_direct(inp, "dW"), case.dtype, f"dW {config.key()}")
+        assert (1, config.block_n, config.block_k) in built, "no TMA store descriptor"
 
 
 @pytest.mark.gpu
@@ -539,3 +558,43 @@ def test_autotune_times_candidates_in_rounds(tmp_path, monkeypatch):
     best = autotune.tune("dX", "dX|rounds-key", run_with=lambda cfg: cfg)
     assert best == target
     assert list(seen) == candidates and seen[target]() == target
+
+
+def test_time_in_rounds_medians_and_drops_failures(monkeypatch):
+    """_time_in_rounds on a fake clock: each candidate's per-call cost comes back; one that
+    fails in warm-up and one that fails in a later round are left out, and the others
+    still finish (tuning runs inside a user's first call and must not end it)."""
+    from triton_gg import autotune
+    clock = [0.0]
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+    monkeypatch.setattr(autotune.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(autotune.torch.cuda, "synchronize", lambda: None)
+
+    def costs(ms):
+        def fn():
+            clock[0] += ms
+        return fn
+    calls = {"n": 0}
+
+    def fails_later():
+        calls["n"] += 1
+        if calls["n"] > 3 + 10:  # after warm-up and the first round
+            raise RuntimeError("out of memory")
+
+    def fails_at_once():
+        raise RuntimeError("too much shared memory")
+    times = autotune._time_in_rounds({"a": costs(2.0), "b": costs(0.5),
+                                      "late": fails_later, "early": fails_at_once})
+    assert times == {"a": 2.0, "b": 0.5}

@@ -144,10 +144,11 @@ def test_route_sorts_foreign_ids_last():
     assert gather[:3].tolist() == [1, 3, 2] and sorted(gather[3:].tolist()) == [0, 4, 5]
 
 
-def test_first_gemm_backward_uses_the_unfused_tuned_keys(monkeypatch):
-    """The block's first GEMM runs its backward without permute_x (dX in expert order, dW
-    on a gathered copy of X): autotune must pick the configs tuned for the unfused keys,
-    not the permute_x ones."""
+@pytest.mark.parametrize("gathers", [True, False])
+def test_first_gemm_backward_uses_the_keys_it_runs_under(monkeypatch, gathers):
+    """The block's first GEMM runs dX without permute_x (in expert order) and, where dW
+    runs on a gathered copy of X (on a GPU), dW unfused too: autotune must pick the configs
+    tuned for the keys the kernels actually run under."""
     from types import SimpleNamespace
 
     import gg_spec
@@ -166,5 +167,7 @@ def test_first_gemm_backward_uses_the_unfused_tuned_keys(monkeypatch):
         memory[cache.key_for(op, dims, x.dtype, x.device)] = unfused[op]
         memory[cache.key_for(op, dims, x.dtype, x.device, permute_x=True)] = fused[op]
     monkeypatch.setattr(cache, "_memory", memory)
+    monkeypatch.setattr(_ops, "dw_gathers_x", lambda x: gathers)
     _, dx_cfg, dw_cfg = moe._first_gemm_configs(x, w1, m_sizes, gather, topk, True)
-    assert dx_cfg == _ops.encode(unfused["dX"]) and dw_cfg == _ops.encode(unfused["dW"])
+    assert dx_cfg == _ops.encode(unfused["dX"])
+    assert dw_cfg == _ops.encode(unfused["dW"] if gathers else fused["dW"])

@@ -163,12 +163,18 @@ def _(x, dy, m_sizes, gather_indices, topk, permute_x, permute_y, config, transp
 
 # ---------------------------------------------------------------------------- autograd
 
+def dw_gathers_x(x: torch.Tensor) -> bool:
+    """Does ``dw_with_gather`` copy a token-order X into expert order first (and run dW
+    unfused)? On a GPU, yes; the interpreter keeps the fused gather (it measures nothing)."""
+    return x.is_cuda
+
+
 def dw_with_gather(run_dw, x, dy, m_sizes, gather, topk, permute_x, permute_y, config):
     """dW [E, N, K]. On a GPU a token-order X (permute_x) is first gathered into expert order
     by one copy: the dW kernel reduces over rows, and rows gathered one by one inside it ran
     at 0.64x of contiguous ones on the H200 (1.51 vs 0.96 ms, Qwen3-30B-A3B gate_up at
     T=8192), more than the copy costs. The copy lives only for this call."""
-    if permute_x and x.is_cuda:
+    if permute_x and dw_gathers_x(x):
         x = x.index_select(0, torch.div(gather, topk, rounding_mode="floor").long())
         permute_x = False
     return run_dw(x, dy, m_sizes, gather, topk, permute_x, permute_y, config, False)

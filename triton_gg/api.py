@@ -142,6 +142,14 @@ def grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
                              _ops.encode(dw_config))
 
 
+def tuning_probe(shape, like: torch.Tensor) -> torch.Tensor:
+    """A random operand to time candidates on (values do not change the speed), drawn from
+    a generator of its own: tuning inside a user's step must not move the user's random
+    stream."""
+    gen = torch.Generator(device=like.device).manual_seed(0)
+    return torch.randn(shape, generator=gen, dtype=like.dtype, device=like.device)
+
+
 def _backward_configs(dx_config, dw_config, dims, X, W, m_sizes, gather, topk, permute_x,
                       permute_y):
     """dX and dW configs for autotune=True, known before the backward runs: cached choices,
@@ -154,7 +162,7 @@ def _backward_configs(dx_config, dw_config, dims, X, W, m_sizes, gather, topk, p
                                                               **flags))
     if (dx_config and dw_config) or not X.is_cuda or torch.compiler.is_compiling():
         return dx_config, dw_config
-    probe = torch.randn((dims.m, dims.n), dtype=X.dtype, device=X.device)
+    probe = tuning_probe((dims.m, dims.n), X)
     dx_config = dx_config or _dx_config(None, True, dims, probe, W, m_sizes, gather, topk,
                                         permute_x, permute_y)
     dw_config = dw_config or _dw_config(None, True, dims, X, probe, m_sizes, gather, topk,

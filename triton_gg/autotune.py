@@ -7,8 +7,9 @@ dX tile can, and a tile store cannot be masked by rows.
 Tuning times every valid candidate of gg_spec's search space on the actual inputs (CUDA-event
 medians in interleaved rounds of back-to-back calls: ``_time_in_rounds``), keeps the fastest,
 and caches it in memory and on disk under ``gg_spec.tuning_key`` (E, N, K, fusions, dtype,
-routed-row bucket, device name), so a second process does not tune again. Interpreted (CPU) runs do not time anything: their
-timings say nothing about a GPU, so they use a cached choice if one exists, else the default.
+routed-row bucket, device name), so a second process does not tune again. Interpreted (CPU)
+runs do not time anything: their timings say nothing about a GPU, so they use a cached
+choice if one exists, else the default.
 Under torch.compile tracing, tuning is not possible either: cached or default.
 """
 
@@ -68,8 +69,8 @@ def _time_in_rounds(runs: dict, *, rounds: int = 5, calls: int = 10) -> dict:
     benchmarks/NOTES.md step 13), and a short burst per candidate (do_bench's 25 ms) times
     each near the boost clock, which favours tiles that lose once the clock has fallen, as
     it has in training and in the benchmark (NOTES step 14). A candidate that fails to
-    compile or run (e.g. too much shared memory) is left out."""
-    import torch
+    compile or run (e.g. too much shared memory, or out of memory in a later round) is
+    left out: tuning runs inside a user's first call and must not end it."""
     live = {}
     for config, fn in runs.items():
         try:
@@ -81,16 +82,24 @@ def _time_in_rounds(runs: dict, *, rounds: int = 5, calls: int = 10) -> dict:
         live[config] = fn
     samples = {config: [] for config in live}
     for _ in range(rounds):
-        for config, fn in live.items():
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            samples[config].append(start.elapsed_time(end) / calls)
+        for config, fn in list(live.items()):
+            try:
+                samples[config].append(_burst_ms(fn, calls))
+            except Exception:  # noqa: BLE001  (dropped, the others still compete)
+                del live[config], samples[config]
     return {config: statistics.median(v) for config, v in samples.items()}
+
+
+def _burst_ms(fn: Callable[[], object], calls: int) -> float:
+    """Milliseconds per call over `calls` back-to-back calls of `fn` (CUDA events)."""
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def tune(op: str, key: str, run_with: Callable[[object], object], *, permute_x=False,

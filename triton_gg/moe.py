@@ -104,23 +104,25 @@ def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune):
 
 
 def _unfused_backward_configs(dims, x, w1, m_sizes, gather, topk):
-    """dX and dW configs of the first GEMM's backward, which runs without its fusion: dX in
-    expert order (the combine pass sums each token's rows) and, on a GPU, dW on a gathered
-    copy of X (``_ops.dw_with_gather``). So their keys are the unfused ones; a key not yet
-    tuned is tuned here on random operands of the unfused shapes (values do not change the
-    speed), not borrowed from the permute_x key (whose tile may be 20% slower unfused)."""
+    """dX and dW configs of the first GEMM's backward. dX runs in expert order (the combine
+    pass sums each token's rows), and on a GPU dW runs on a gathered copy of X
+    (``_ops.dw_with_gather``), both without the permute_x fusion: their keys are then the
+    unfused ones, and a key not yet tuned is tuned here on random operands of the unfused
+    shapes (values do not change the speed), not borrowed from the permute_x key (whose
+    tile ran 18% slower unfused, benchmarks/NOTES.md step 14)."""
     plain = dict(permute_x=False, permute_y=False)
+    dw_flags = plain if _ops.dw_gathers_x(x) else dict(permute_x=True, permute_y=False)
     dx_cfg = autotune_cache.cached(autotune_cache.key_for("dX", dims, x.dtype, x.device,
                                                           **plain))
     dw_cfg = autotune_cache.cached(autotune_cache.key_for("dW", dims, x.dtype, x.device,
-                                                          **plain))
+                                                          **dw_flags))
     if (dx_cfg and dw_cfg) or not x.is_cuda or torch.compiler.is_compiling():
         return dx_cfg, dw_cfg
-    dy = torch.randn((dims.m, dims.n), dtype=x.dtype, device=x.device)
+    dy = api.tuning_probe((dims.m, dims.n), x)
     if dx_cfg is None:
         dx_cfg = api._dx_config(None, True, dims, dy, w1, m_sizes, gather, topk, False, False)
     if dw_cfg is None:
-        rows = torch.randn((dims.m, dims.k), dtype=x.dtype, device=x.device)
+        rows = api.tuning_probe((dims.m, dims.k), x)
         dw_cfg = api._dw_config(None, True, dims, rows, dy, m_sizes, gather, topk, False,
                                 False)
     return dx_cfg, dw_cfg
@@ -137,8 +139,8 @@ def expert_block(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     and w2 [E, H, I] in ``nn.Linear`` layout (any strides: transposed views are not copied),
     ``mid`` maps the first GEMM's rows [M, N1] to [M, I] (a model's own gate, or a plain
     activation); None is SiLU-gating of concatenated [gate | up] rows, one fused pass after
-    the first GEMM (forward and backward). The second GEMM writes its rows once, in expert order; the routing
-    weights and the top-k sum are applied by one combine pass (whose backward forms dY and
+    the first GEMM (forward and backward). The second GEMM writes its rows once, in expert
+    order; the routing weights and the top-k sum are applied by one combine pass (whose backward forms dY and
     the routing weights' gradient together). The result has hidden's dtype; the GEMMs run
     in w1's dtype.
     """

@@ -19,8 +19,9 @@ program spent much of its time filling the pipeline and storing.
 viewed [E, N, K], so the engine clips each tile at N and K inside its expert), and the
 copy runs on while the next tile's MMAs start; with pointer stores the warps issue the
 whole 32-64 KB tile themselves before they can. Measured on the H200 (benchmarks/NOTES.md,
-step 14): 0.950 -> 0.850 ms at qwen3_w1 with the tuned tile; it needs shared memory for
-the staged tile, so a one-warpgroup tile no longer fits twice per SM.
+step 14): 0.950 -> 0.850 ms at qwen3_w1 with the tuned tile. The staged tile takes shared
+memory (``programs_for`` counts it), so some one-warpgroup tiles no longer fit twice per
+SM with it.
 """
 
 import torch

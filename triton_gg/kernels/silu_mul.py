@@ -20,9 +20,10 @@ from triton_gg.kernels.schedule import next_pow2, routed_rows
 
 
 @triton.jit
-def _silu_mul_kernel(h_ptr, a_ptr, m_sizes_ptr, E, I: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_I: tl.constexpr, E_POW2: tl.constexpr):
-    routed = routed_rows(m_sizes_ptr, E, E_POW2)
+def _silu_mul_kernel(h_ptr, a_ptr, m_sizes_ptr, M, E, I: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, E_POW2: tl.constexpr):
+    # never past M, even for m_sizes that overcount (value checks off)
+    routed = tl.minimum(routed_rows(m_sizes_ptr, E, E_POW2), M)
     first = tl.program_id(0).to(tl.int64) * BLOCK_M
     if first >= routed:
         return
@@ -43,7 +44,7 @@ def launch_silu_mul(h, a, m_sizes, *, block_m=32, block_i=128, num_warps=4):
     if m == 0 or inter == 0 or m_sizes.numel() == 0:
         return a
     grid = (triton.cdiv(m, block_m), triton.cdiv(inter, block_i))
-    _silu_mul_kernel[grid](h, a, m_sizes, m_sizes.shape[0], inter, BLOCK_M=block_m,
+    _silu_mul_kernel[grid](h, a, m_sizes, m, m_sizes.shape[0], inter, BLOCK_M=block_m,
                            BLOCK_I=block_i, E_POW2=next_pow2(m_sizes.shape[0]),
                            num_warps=num_warps)
     return a

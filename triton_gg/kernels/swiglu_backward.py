@@ -15,10 +15,11 @@ from triton_gg.kernels.schedule import next_pow2, routed_rows
 
 
 @triton.jit
-def _swiglu_backward_kernel(h_ptr, da_ptr, dh_ptr, m_sizes_ptr, E, I: tl.constexpr,
+def _swiglu_backward_kernel(h_ptr, da_ptr, dh_ptr, m_sizes_ptr, M, E, I: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
                             E_POW2: tl.constexpr):
-    routed = routed_rows(m_sizes_ptr, E, E_POW2)
+    # never past M, even for m_sizes that overcount (value checks off)
+    routed = tl.minimum(routed_rows(m_sizes_ptr, E, E_POW2), M)
     first = tl.program_id(0).to(tl.int64) * BLOCK_M
     if first >= routed:
         return
@@ -45,7 +46,7 @@ def launch_swiglu_backward(h, da, dh, m_sizes, *, block_m=32, block_i=128, num_w
     if m == 0 or inter == 0 or m_sizes.numel() == 0:
         return dh
     grid = (triton.cdiv(m, block_m), triton.cdiv(inter, block_i))
-    _swiglu_backward_kernel[grid](h, da, dh, m_sizes, m_sizes.shape[0], inter,
+    _swiglu_backward_kernel[grid](h, da, dh, m_sizes, m, m_sizes.shape[0], inter,
                                   BLOCK_M=block_m, BLOCK_I=block_i,
                                   E_POW2=next_pow2(m_sizes.shape[0]), num_warps=num_warps)
     return dh

@@ -1,5 +1,6 @@
 """Host-side TMA descriptors (Hopper's bulk tensor copy engine) for the operands that are
-read as whole tiles: W always, X / dY when not gathered.
+read as whole tiles: W always, X / dY when not gathered; and for dW's output tiles, stored
+through a 3-D [E, N, K] view (the engine clips a tile at N and K inside its expert).
 
 A TMA tile may run past an expert's last row (into the next expert's rows) or past N; those
 rows and columns only reach output elements that the masked store drops, or are multiplied
@@ -56,8 +57,9 @@ def _device_has_tma(kind: str, index: int | None) -> bool:
 
 
 def tma_usable(t: torch.Tensor, inner_block: int) -> bool:
-    """Can `t` (viewed 2-D, last dim contiguous) be read by TMA tiles `inner_block` wide, on
-    its device? (Before Hopper there is no TMA engine: the switches then mean nothing.)"""
+    """Can `t` (last dim contiguous, any rank) be read or written by TMA tiles
+    `inner_block` wide, on its device? (Before Hopper there is no TMA engine: the switches
+    then mean nothing.)"""
     if not _device_has_tma(t.device.type, t.device.index):
         return False
     if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16:
