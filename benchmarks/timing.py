@@ -16,58 +16,29 @@ import statistics
 from typing import Callable
 
 
-def _events_ms(fn: Callable[[], object], inner: int) -> float:
-    """Milliseconds per call of `inner` back-to-back calls of `fn` (CUDA events)."""
-    import torch
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(inner):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / inner
-
-
 def time_torch(fn: Callable[[], object], *, warmup: int = 3, inner: int = 10,
                reps: int = 7) -> float:
     """Median milliseconds per call of `fn` (CUDA events)."""
     import torch
+
+    from triton_gg.timing import burst_ms
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    return statistics.median(_events_ms(fn, inner) for _ in range(reps))
+    return statistics.median(burst_ms(fn, inner) for _ in range(reps))
 
 
 def time_torch_interleaved(fns: dict, *, warmup: int = 3, inner: int = 10,
                            reps: int = 7) -> dict:
     """Median milliseconds per call of each of `fns` ({name: fn}), measured in rounds: each
     repetition times every function once (`inner` back-to-back calls, CUDA events), so all
-    of them see the same clock state. Why: under sustained tensor-core load the H200's SM
-    clock falls (1905 -> 1440 MHz measured during a 2.3 ms GEMM timed back to back,
-    benchmarks/NOTES.md step 13), so timing implementations one after another favours
-    whichever ran first or after a pause. A function that raises (in warm-up or in a
-    round) is reported as its exception instead of a time."""
-    import torch
-    live, out = {}, {}
-    for name, fn in fns.items():
-        try:
-            for _ in range(warmup):
-                fn()
-            torch.cuda.synchronize()
-            live[name] = fn
-        except Exception as e:  # noqa: BLE001  (one failure must not end the run)
-            out[name] = e
-    samples = {name: [] for name in live}
-    for _ in range(reps):
-        for name, fn in list(live.items()):
-            try:
-                samples[name].append(_events_ms(fn, inner))
-            except Exception as e:  # noqa: BLE001  (e.g. out of memory in a later round)
-                out[name] = e
-                del live[name], samples[name]
-    out.update({name: statistics.median(v) for name, v in samples.items()})
-    return out
+    of them see the same clock state (the H200's SM clock falls under sustained load:
+    1905 -> 1440 MHz measured during a 2.3 ms GEMM timed back to back, benchmarks/NOTES.md
+    step 13). A function that raises (in warm-up or in a round) is reported as its
+    exception instead of a time. The same measurement as triton_gg's tuner
+    (``triton_gg.timing.time_in_rounds``)."""
+    from triton_gg.timing import time_in_rounds
+    return time_in_rounds(fns, warmup=warmup, rounds=reps, calls=inner)
 
 
 def time_jax(fn: Callable, *args, warmup: int = 3, reps: int = 10) -> float:

@@ -554,17 +554,17 @@ def test_autotune_times_candidates_in_rounds(tmp_path, monkeypatch):
     def fake_rounds(runs):
         seen.update(runs)
         return {c: (1.0 if c == target else 2.0) for c in runs if c != broken}
-    monkeypatch.setattr(autotune, "_time_in_rounds", fake_rounds)
+    monkeypatch.setattr(autotune, "time_in_rounds", fake_rounds)
     best = autotune.tune("dX", "dX|rounds-key", run_with=lambda cfg: cfg)
     assert best == target
     assert list(seen) == candidates and seen[target]() == target
 
 
 def test_time_in_rounds_medians_and_drops_failures(monkeypatch):
-    """_time_in_rounds on a fake clock: each candidate's per-call cost comes back; one that
+    """time_in_rounds on a fake clock: each candidate's per-call cost comes back; one that
     fails in warm-up and one that fails in a later round are left out, and the others
     still finish (tuning runs inside a user's first call and must not end it)."""
-    from triton_gg import autotune
+    from triton_gg import timing
     clock = [0.0]
 
     class FakeEvent:
@@ -579,8 +579,8 @@ def test_time_in_rounds_medians_and_drops_failures(monkeypatch):
 
         def elapsed_time(self, end):
             return end.t - self.t
-    monkeypatch.setattr(autotune.torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(autotune.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(timing.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
 
     def costs(ms):
         def fn():
@@ -595,6 +595,9 @@ def test_time_in_rounds_medians_and_drops_failures(monkeypatch):
 
     def fails_at_once():
         raise RuntimeError("too much shared memory")
-    times = autotune._time_in_rounds({"a": costs(2.0), "b": costs(0.5),
-                                      "late": fails_later, "early": fails_at_once})
-    assert times == {"a": 2.0, "b": 0.5}
+    times = timing.time_in_rounds({"a": costs(2.0), "b": costs(0.5),
+                                   "late": fails_later, "early": fails_at_once})
+    assert {k: v for k, v in times.items() if not isinstance(v, Exception)} == {"a": 2.0,
+                                                                              "b": 0.5}
+    assert isinstance(times["late"], RuntimeError) and isinstance(times["early"],
+                                                                   RuntimeError)
