@@ -312,6 +312,70 @@ def test_persistent_kernels_with_many_tiles_per_expert(programs):
     assert torch.all(dw[1] == 0)
 
 
+def _tail_case(fusion):
+    """Routing whose experts end in every kind of tail for 32-row tiles: 64 rows (2 full
+    tiles, no tail), 0, 40 (1 + a tail of 8: half-height), 5 (a tail alone), 16 (a tail of
+    exactly half a tile), 57 (1 + 25: more than half, a full tile)."""
+    gen = torch.Generator().manual_seed(5)
+    tokens, topk, e, n, k = 91, 2, 6, 24, 40
+    m_sizes = torch.tensor([64, 0, 40, 5, 16, 0], dtype=torch.int32)
+    m_sizes[-1] = tokens * topk - int(m_sizes.sum())
+    assert m_sizes[-1] == 57
+    gather = torch.randperm(tokens * topk, generator=gen).to(torch.int32)
+    x = torch.randn(tokens if fusion == "permute_x" else tokens * topk, k, generator=gen)
+    return dict(x=x, w=torch.randn(e, n, k, generator=gen),
+                dy=torch.randn(tokens * topk, n, generator=gen),
+                weights=torch.rand(tokens * topk, generator=gen), m_sizes=m_sizes,
+                gather=gather, topk=topk, permute_x=fusion == "permute_x",
+                permute_y=fusion.startswith("permute_y"), tma=fusion.endswith("tma"))
+
+
+@pytest.mark.parametrize("programs", [1, 3, 50])
+@pytest.mark.parametrize("fusion", ["plain", "plain+tma", "permute_x", "permute_y+mul"])
+def test_forward_split_tail_tiles(programs, fusion):
+    """Experts' short last tiles as half-height tiles in a second loop (``split_tail``):
+    every kind of tail (``_tail_case``) against the float64 reference, outputs poisoned,
+    any program count; the same result as the kernel without the split."""
+    from triton_gg.kernels.forward import launch_forward
+    c = _tail_case(fusion)
+    py = c["permute_y"]
+    config = gg_spec.ForwardConfig(block_m=32, block_n=16, block_k=16, num_warps=4,
+                                   num_stages=2, tma_load_x=c["tma"], tma_load_w=c["tma"])
+    outs = []
+    for tail_split in (True, False):
+        y = torch.full(c["dy"].shape, POISON)
+        launch_forward(c["x"], c["w"], c["m_sizes"], c["gather"], c["weights"] if py else None,
+                       y, y, topk=c["topk"], permute_x=c["permute_x"], permute_y=py,
+                       fuse_mul_post=py, store_unweighted=False, config=config,
+                       programs=programs, tail_split=tail_split)
+        outs.append(y)
+    expected = tref.forward(c["x"], c["w"], c["m_sizes"], c["gather"], c["topk"],
+                            permute_x=c["permute_x"], permute_y=py,
+                            topk_weights=c["weights"] if py else None, fuse_mul_post=py)
+    assert_close(outs[0], expected, "float32", f"Y, split tails, {programs} programs")
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("fusion", ["plain", "plain+tma", "permute_x", "permute_y"])
+def test_dx_split_tail_tiles(fusion):
+    """dX with the tails as half-height tiles (programs launched after the M-tiles'):
+    the float64 reference, poisoned output, equal to dX without the split."""
+    from triton_gg.kernels.dx import launch_dx
+    c = _tail_case(fusion)
+    config = gg_spec.DXConfig(block_m=32, block_n=16, block_k=16, num_warps=4, num_stages=2,
+                              tma_load_dy=c["tma"], tma_load_w=c["tma"])
+    outs = []
+    for tail_split in (True, False):
+        dx = torch.full((c["dy"].shape[0], c["x"].shape[1]), POISON)
+        launch_dx(c["dy"], c["w"], c["m_sizes"], c["gather"], dx, permute_x=c["permute_x"],
+                  permute_y=c["permute_y"], config=config, tail_split=tail_split)
+        outs.append(dx)
+    expected = tref.dX(c["dy"], c["w"], c["m_sizes"], c["gather"], c["topk"],
+                       permute_x=c["permute_x"], permute_y=c["permute_y"])
+    assert_close(outs[0], expected, "float32", "dX, split tails")
+    assert torch.equal(outs[0], outs[1])
+
+
 # -------------------------------------------------------------------- validation
 
 def _plain_inputs():
