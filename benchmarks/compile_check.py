@@ -1,6 +1,6 @@
 """Compile triton_gg's forward and dX kernels for sm_90 on a machine without a GPU (no device
-time): catches compiler failures and reports shared memory per program and the wgmma count,
-for the tiles of the tuned entries, with and without the split tail tiles.
+time): catches compiler failures (and passes that silently give up, e.g. loop flattening) and
+reports shared memory per program and the wgmma count, for the tiles of the tuned entries.
 
     TRITON_INTERPRET=0 python -m benchmarks.compile_check
 """
@@ -32,44 +32,38 @@ def _desc(rows, cols):
     return f"tensordesc<bf16[{rows}, {cols}]>"
 
 
-def compile_forward(block_m, block_n, block_k, num_warps, num_stages, *, split_tail,
+def compile_forward(block_m, block_n, block_k, num_warps, num_stages, *,
                     permute_x=False, permute_y=False, fuse_mul=False, tma_x=True,
                     warp_specialize=False, n=1536, k=2048):
     from triton_gg.kernels.forward import _forward_kernel
     tma_x = tma_x and not permute_x
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "x_desc": _desc(block_m, block_k),
-           "x_tail_desc": _desc(block_m // 2, block_k), "w_desc": _desc(block_n, block_k),
+           "w_desc": _desc(block_n, block_k),
            "y_ptr": "*bf16", "y_unweighted_ptr": "*bf16", "m_sizes_ptr": "*i32",
            "gather_ptr": "*i32", "topk_weights_ptr": "*fp32", "E": "i32", "TOPK": "i32",
            "num_programs": "i32", "stride_we": "i64", "stride_wn": "i64", "stride_wk": "i64"}
     consts = dict(N=n, K=k, PERMUTE_X=permute_x, PERMUTE_Y=permute_y, FUSE_MUL=fuse_mul,
                   STORE_UNWEIGHTED=False, TMA_W=True, TMA_X=tma_x, BLOCK_M=block_m,
                   BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, E_POW2=128, EVEN_K=True,
-                  SPLIT_TAIL=split_tail, WARP_SPECIALIZE=warp_specialize, UPCAST_DOT=False,
-                  IEEE_DOT=False)
+                  WARP_SPECIALIZE=warp_specialize, UPCAST_DOT=False, IEEE_DOT=False)
     if not tma_x:
         consts["x_desc"] = None
-    if not (tma_x and split_tail):
-        consts["x_tail_desc"] = None
     return _compile(_forward_kernel, sig, consts, num_warps, num_stages)
 
 
-def compile_dx(block_m, block_n, block_k, num_warps, num_stages, *, split_tail,
+def compile_dx(block_m, block_n, block_k, num_warps, num_stages, *,
                permute_x=False, permute_y=False, tma_dy=True, n=1536, k=2048):
     from triton_gg.kernels.dx import _dx_kernel
     tma_dy = tma_dy and not permute_y
     sig = {"dy_ptr": "*bf16", "w_ptr": "*bf16", "dy_desc": _desc(block_m, block_n),
-           "dy_tail_desc": _desc(block_m // 2, block_n), "w_desc": _desc(block_n, block_k),
+           "w_desc": _desc(block_n, block_k),
            "dx_ptr": "*bf16", "m_sizes_ptr": "*i32", "gather_ptr": "*i32", "E": "i32",
            "num_m_tiles": "i32", "stride_we": "i64", "stride_wn": "i64", "stride_wk": "i64"}
     consts = dict(N=n, K=k, PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_W=True,
                   TMA_DY=tma_dy, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                  GROUP_M=1, E_POW2=128, EVEN_N=True, SPLIT_TAIL=split_tail,
-                  UPCAST_DOT=False, IEEE_DOT=False)
+                  GROUP_M=1, E_POW2=128, EVEN_N=True, UPCAST_DOT=False, IEEE_DOT=False)
     if not tma_dy:
         consts["dy_desc"] = None
-    if not (tma_dy and split_tail):
-        consts["dy_tail_desc"] = None
     return _compile(_dx_kernel, sig, consts, num_warps, num_stages)
 
 
@@ -77,16 +71,15 @@ def _survey(compile_fn, tiles, fusions):
     failed = 0
     for *tile, extra in tiles:
         for fusion in fusions:
-            for split in (False, True):
-                name = (f"{compile_fn.__name__} {'x'.join(map(str, tile[:3]))} w{tile[3]} "
-                        f"s{tile[4]} {extra or ''} {fusion or 'plain'} split={split}")
-                try:
-                    c = compile_fn(*tile, split_tail=split, **extra, **fusion)
-                    print(f"{name}: shared {c.metadata.shared} B, wgmma "
-                          f"{c.asm['ptx'].count('wgmma.mma_async')}", flush=True)
-                except Exception as exc:  # report and go on: this is a survey
-                    failed += 1
-                    print(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            name = (f"{compile_fn.__name__} {'x'.join(map(str, tile[:3]))} w{tile[3]} "
+                    f"s{tile[4]} {extra or ''} {fusion or 'plain'}")
+            try:
+                c = compile_fn(*tile, **extra, **fusion)
+                print(f"{name}: shared {c.metadata.shared} B, wgmma "
+                      f"{c.asm['ptx'].count('wgmma.mma_async')}", flush=True)
+            except Exception as exc:  # report and go on: this is a survey
+                failed += 1
+                print(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
     return failed
 
 

@@ -1,11 +1,11 @@
 """Probe: tile configs of the persistent forward kernel (triton_gg/kernels/forward.py)
 against the public function with its tuned config and torch._grouped_mm, same process,
 same inputs (random routing), timed in interleaved rounds (CUDA-event medians, warm L2;
-benchmarks/timing.py). ``--op dX``: the tuned dX with and without split tails; ``--op dW``: dW tile configs, each with pointer stores and with the
+benchmarks/timing.py). ``--op dX``: the tuned dX against torch._grouped_mm's; ``--op dW``: dW tile configs, each with pointer stores and with the
 TMA store; ``--op swiglu``: the block's first GEMM with and without the silu-mul pass.
 (Session 5 timed the forward with full tiles stored through TMA too: 2-6% slower, removed;
-benchmarks/NOTES.md step 14.) Each forward variant runs with experts' short tails as
-half-height tiles (``schedule.split_tail``, the default) and without (``_nosplit``).
+benchmarks/NOTES.md step 14. Session 6 timed each variant with experts' short tails as
+half-height tiles in a second loop: 2-5% slower, removed; step 15.)
 (Session 4's first run of this probe compared the persistent kernel, then in a file of its
 own, with the one-tile-per-program kernel it replaced; benchmarks/NOTES.md step 13.)
 
@@ -18,7 +18,6 @@ printed); a variant that fails to compile is reported and skipped.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from types import SimpleNamespace
@@ -102,17 +101,16 @@ def run_shape(name: str, tokens: int, rows: list):
             fns[("torch_grouped_mm", "-")] = lambda: torch._grouped_mm(inp.x, w_t,
                                                                        offs=inp.offs)
         outputs = {}
-        for (vname, config, per_sm), split in itertools.product(VARIANTS, (True, False)):
+        for vname, config, per_sm in VARIANTS:
             if px:
                 config = config.replace(tma_load_x=False)
-            vname = vname + ("" if split else "_nosplit")
             y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
             outputs[(f"persistent_{fusion}", vname)] = y
             fns[(f"persistent_{fusion}", vname)] = (
-                lambda x=x, y=y, config=config, per_sm=per_sm, kw=kw, split=split:
-                launch_forward(x, inp.w, inp.m_sizes, inp.gather, inp.topk_weights, y, y,
-                               topk=inp.topk, store_unweighted=False, config=config,
-                               programs=per_sm * sms, tail_split=split, **kw))
+                lambda x=x, y=y, config=config, per_sm=per_sm, kw=kw: launch_forward(
+                    x, inp.w, inp.m_sizes, inp.gather, inp.topk_weights, y, y,
+                    topk=inp.topk, store_unweighted=False, config=config,
+                    programs=per_sm * sms, **kw))
         times = time_torch_interleaved(fns)
         _report(rows, times, outputs, ref, problem, name, lambda key: key)
 
@@ -153,9 +151,8 @@ def run_dw(name: str, tokens: int, rows: list):
 
 
 def run_dx(name: str, tokens: int, rows: list):
-    """dX with its tuned config, the experts' short tails as half-height tiles (the
-    default) and without, plain and with the shape's fusion, timed in interleaved rounds;
-    torch._grouped_mm's dX (dY @ W) for scale."""
+    """dX with its tuned config, plain and with the shape's fusion, timed in interleaved
+    rounds; torch._grouped_mm's dX (dY @ W) for scale."""
     import gg_spec
     import triton_gg
     from triton_gg.kernels.dx import launch_dx
@@ -173,13 +170,12 @@ def run_dx(name: str, tokens: int, rows: list):
                                                  autotune=True)
         tuned = triton_gg.autotune.cached(triton_gg.autotune.key_for(
             "dX", dims, inp.x.dtype, inp.x.device, permute_x=px, permute_y=py))
-        for split in (True, False):
-            key = (f"dX_{fusion}", "tuned" + ("" if split else "_nosplit"))
-            out = torch.full((problem.m, s.k), float("nan"), dtype=inp.x.dtype, device="cuda")
-            outputs[key] = out
-            fns[key] = (lambda out=out, tuned=tuned, px=px, py=py, split=split: launch_dx(
-                inp.dy, inp.w, inp.m_sizes, inp.gather, out, permute_x=px, permute_y=py,
-                config=tuned, tail_split=split))
+        key = (f"dX_{fusion}", "tuned")
+        out = torch.full((problem.m, s.k), float("nan"), dtype=inp.x.dtype, device="cuda")
+        outputs[key] = out
+        fns[key] = (lambda out=out, tuned=tuned, px=px, py=py: launch_dx(
+            inp.dy, inp.w, inp.m_sizes, inp.gather, out, permute_x=px, permute_y=py,
+            config=tuned))
     w = inp.w
     fns[("torch_grouped_mm_dX", "-")] = lambda: torch._grouped_mm(inp.dy, w, offs=inp.offs)
     times = time_torch_interleaved(fns)

@@ -10,22 +10,27 @@ import triton
 import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
-from triton_gg.kernels.schedule import (find_m_tile, find_tail_tile, locate_m_tile, next_pow2,
-                                        split_tail, split_tile_table, swizzle)
+from triton_gg.kernels.schedule import locate_m_tile, next_pow2, swizzle
 from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 
 
 @triton.jit
-def _dx_tile(
-    dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, gather_ptr,
-    expert, expert_start, expert_rows, local_row, k_tile,
-    N: tl.constexpr, K: tl.constexpr, stride_we, stride_wn, stride_wk,
+def _dx_kernel(
+    dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, m_sizes_ptr, gather_ptr,
+    E, N: tl.constexpr, K: tl.constexpr, num_m_tiles, stride_we, stride_wn, stride_wk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_W: tl.constexpr,
-    TMA_DY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+    TMA_DY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_K] tile of dX: rows local_row.. of `expert`, columns of k_tile."""
+    num_k_tiles = tl.cdiv(K, BLOCK_K)
+    m_tile, k_tile = swizzle(tl.program_id(0), num_m_tiles, num_k_tiles, GROUP_M)
+    expert, expert_start, expert_rows, local_row = locate_m_tile(
+        m_tile, m_sizes_ptr, E, BLOCK_M, E_POW2)
+    if expert >= E:
+        return
+
     rows = local_row + tl.arange(0, BLOCK_M)
     row_mask = rows < expert_rows
     pos = expert_start + rows
@@ -75,58 +80,8 @@ def _dx_tile(
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.jit
-def _dx_kernel(
-    dy_ptr, w_ptr, dy_desc, dy_tail_desc, w_desc, dx_ptr, m_sizes_ptr, gather_ptr,
-    E, N: tl.constexpr, K: tl.constexpr, num_m_tiles, stride_we, stride_wn, stride_wk,
-    PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_W: tl.constexpr,
-    TMA_DY: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_N: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
-):
-    # programs [0, num_m_tiles * num_k_tiles): M-tiles (an upper bound; those past the last
-    # real tile return); with SPLIT_TAIL, E * num_k_tiles more for the experts' half-height
-    # tails, launched last so they fill the final wave
-    num_k_tiles = tl.cdiv(K, BLOCK_K)
-    pid = tl.program_id(0)
-    main_programs = num_m_tiles * num_k_tiles
-    if SPLIT_TAIL:
-        (experts, sizes, tiles, tiles_end, starts, _total,
-         half, half_end, num_tails) = split_tile_table(m_sizes_ptr, E, BLOCK_M, E_POW2)
-        if pid < main_programs:
-            m_tile, k_tile = swizzle(pid, num_m_tiles, num_k_tiles, GROUP_M)
-            expert, expert_start, expert_rows, local_row = find_m_tile(
-                m_tile, experts, sizes, tiles, tiles_end, starts, BLOCK_M)
-            if expert < E:
-                _dx_tile(dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, gather_ptr, expert,
-                         expert_start, expert_rows, local_row, k_tile, N, K, stride_we,
-                         stride_wn, stride_wk, PERMUTE_X, PERMUTE_Y, TMA_W, TMA_DY, BLOCK_M,
-                         BLOCK_N, BLOCK_K, EVEN_N, UPCAST_DOT, IEEE_DOT)
-        else:
-            t_tile, k_tile = swizzle(pid - main_programs, E, num_k_tiles, GROUP_M)
-            if t_tile < num_tails:
-                expert, expert_start, expert_rows, local_row = find_tail_tile(
-                    t_tile, experts, sizes, half_end, starts, BLOCK_M)
-                _dx_tile(dy_ptr, w_ptr, dy_tail_desc, w_desc, dx_ptr, gather_ptr, expert,
-                         expert_start, expert_rows, local_row, k_tile, N, K, stride_we,
-                         stride_wn, stride_wk, PERMUTE_X, PERMUTE_Y, TMA_W, TMA_DY,
-                         BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_N, UPCAST_DOT, IEEE_DOT)
-    else:
-        m_tile, k_tile = swizzle(pid, num_m_tiles, num_k_tiles, GROUP_M)
-        expert, expert_start, expert_rows, local_row = locate_m_tile(
-            m_tile, m_sizes_ptr, E, BLOCK_M, E_POW2)
-        if expert < E:
-            _dx_tile(dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, gather_ptr, expert,
-                     expert_start, expert_rows, local_row, k_tile, N, K, stride_we,
-                     stride_wn, stride_wk, PERMUTE_X, PERMUTE_Y, TMA_W, TMA_DY, BLOCK_M,
-                     BLOCK_N, BLOCK_K, EVEN_N, UPCAST_DOT, IEEE_DOT)
-
-
-def launch_dx(dy, w, m_sizes, gather_indices, dx, *, permute_x, permute_y, config,
-              tail_split=None):
-    """Run the dX kernel into the preallocated dx [M, K]. dy [M, N], w [E, N, K].
-    ``tail_split`` overrides ``schedule.split_tail`` (probes compare both schedules)."""
+def launch_dx(dy, w, m_sizes, gather_indices, dx, *, permute_x, permute_y, config):
+    """Run the dX kernel into the preallocated dx [M, K]. dy [M, N], w [E, N, K]."""
     num_experts, n, k = w.shape
     m = dx.shape[0]
     if m == 0 or k == 0:
@@ -134,22 +89,20 @@ def launch_dx(dy, w, m_sizes, gather_indices, dx, *, permute_x, permute_y, confi
     if n == 0:
         return dx.zero_()
     num_m_tiles = triton.cdiv(m, config.block_m) + num_experts
-    tails = split_tail(config.block_m) if tail_split is None else tail_split
-    grid = ((num_m_tiles + (num_experts if tails else 0)) * triton.cdiv(k, config.block_k),)
+    grid = (num_m_tiles * triton.cdiv(k, config.block_k),)
     w2d = weights_2d(w)
     tma_w = config.tma_load_w and w2d is not None and tma_usable(w2d, config.block_k)
     tma_dy = config.tma_load_dy and not permute_y and tma_usable(dy, config.block_n)
     _dx_kernel[grid](
         dy, w,
         descriptor_2d(dy, config.block_m, config.block_n) if tma_dy else None,
-        descriptor_2d(dy, config.block_m // 2, config.block_n) if tma_dy and tails else None,
         descriptor_2d(w2d, config.block_n, config.block_k) if tma_w else None,
         dx, m_sizes, gather_indices if gather_indices is not None else m_sizes,
         num_experts, n, k, num_m_tiles, *w.stride(),
         PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_W=tma_w, TMA_DY=tma_dy,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, E_POW2=next_pow2(num_experts), EVEN_N=n % config.block_n == 0,
-        SPLIT_TAIL=tails, UPCAST_DOT=INTERPRETING and dy.dtype != torch.float32,
+        UPCAST_DOT=INTERPRETING and dy.dtype != torch.float32,
         IEEE_DOT=dy.dtype == torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -35,130 +35,92 @@ import triton
 import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
-from triton_gg.kernels.schedule import (expert_tile_table, find_m_tile, find_tail_tile,
-                                        next_pow2, programs_for, split_tail,
-                                        split_tile_table, swizzle)
+from triton_gg.kernels.schedule import (expert_tile_table, find_m_tile, next_pow2,
+                                        programs_for, swizzle)
 from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 
 
 @triton.jit
-def _forward_tile(
-    x_ptr, w_ptr, x_desc, w_desc, y_ptr, y_unweighted_ptr, gather_ptr, topk_weights_ptr,
-    expert, expert_start, expert_rows, local_row, n_tile,
-    N: tl.constexpr, K: tl.constexpr, TOPK, stride_we, stride_wn, stride_wk,
-    PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, FUSE_MUL: tl.constexpr,
-    STORE_UNWEIGHTED: tl.constexpr, TMA_W: tl.constexpr, TMA_X: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
-):
-    """One [BLOCK_M, BLOCK_N] output tile: rows local_row.. of `expert`, columns of n_tile."""
-    ks = tl.arange(0, BLOCK_K)
-    rows = local_row + tl.arange(0, BLOCK_M)
-    row_mask = rows < expert_rows
-    pos = expert_start + rows  # expert-order positions (int64)
-    if PERMUTE_X or PERMUTE_Y or FUSE_MUL:
-        routed = tl.load(gather_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-    if PERMUTE_X:
-        x_rows = routed // TOPK
-    else:
-        x_rows = pos
-    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    x_ptrs = x_ptr + x_rows[:, None] * K + ks[None, :]
-    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-              + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk)
-    w_row = (expert * N + n_tile * BLOCK_N).to(tl.int32)  # TMA row of W as [E*N, K]
-    x_row = (expert_start + local_row).to(tl.int32)       # TMA row of X [M, K]
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            k_mask = ks < BLOCK_K
-        else:
-            k_mask = (k0 + ks) < K
-        if TMA_X:
-            x = x_desc.load([x_row, k0])
-        else:
-            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if TMA_W:
-            w = w_desc.load([w_row, k0]).T
-        else:
-            w = tl.load(w_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        if UPCAST_DOT:  # the interpreter's bf16 dot multiplies bit patterns
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE_DOT:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
-
-    out_rows = routed if PERMUTE_Y else pos
-    out_offsets = out_rows[:, None] * N + cols[None, :]
-    out_mask = row_mask[:, None] & col_mask[None, :]
-    if FUSE_MUL:
-        if STORE_UNWEIGHTED:
-            tl.store(y_unweighted_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty),
-                     mask=out_mask)
-        scale = tl.load(topk_weights_ptr + routed, mask=row_mask, other=0.0).to(tl.float32)
-        acc = acc * scale[:, None]
-    tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, x_desc, x_tail_desc, w_desc, y_ptr, y_unweighted_ptr, m_sizes_ptr,
-    gather_ptr, topk_weights_ptr, E, N: tl.constexpr, K: tl.constexpr, TOPK, num_programs,
+    x_ptr, w_ptr, x_desc, w_desc, y_ptr, y_unweighted_ptr, m_sizes_ptr, gather_ptr,
+    topk_weights_ptr, E, N: tl.constexpr, K: tl.constexpr, TOPK, num_programs,
     stride_we, stride_wn, stride_wk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, FUSE_MUL: tl.constexpr,
     STORE_UNWEIGHTED: tl.constexpr, TMA_W: tl.constexpr, TMA_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    if SPLIT_TAIL:
-        (experts, sizes, tiles, tiles_end, starts, num_m_tiles,
-         half, half_end, num_tails) = split_tile_table(m_sizes_ptr, E, BLOCK_M, E_POW2)
-    else:
-        experts, sizes, tiles, tiles_end, starts, num_m_tiles = expert_tile_table(
-            m_sizes_ptr, E, BLOCK_M, E_POW2)
+    experts, sizes, tiles, tiles_end, starts, num_m_tiles = expert_tile_table(
+        m_sizes_ptr, E, BLOCK_M, E_POW2)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_tiles = num_m_tiles * num_n_tiles
-    pid = tl.program_id(0)
-    for tile in tl.range(pid, num_tiles, num_programs, flatten=True,
+    ks = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True,
                          warp_specialize=WARP_SPECIALIZE):
         m_tile, n_tile = swizzle(tile, num_m_tiles, num_n_tiles, GROUP_M)
         expert, expert_start, expert_rows, local_row = find_m_tile(
             m_tile, experts, sizes, tiles, tiles_end, starts, BLOCK_M)
-        _forward_tile(x_ptr, w_ptr, x_desc, w_desc, y_ptr, y_unweighted_ptr, gather_ptr,
-                      topk_weights_ptr, expert, expert_start, expert_rows, local_row, n_tile,
-                      N, K, TOPK, stride_we, stride_wn, stride_wk, PERMUTE_X, PERMUTE_Y,
-                      FUSE_MUL, STORE_UNWEIGHTED, TMA_W, TMA_X, BLOCK_M, BLOCK_N, BLOCK_K,
-                      EVEN_K, UPCAST_DOT, IEEE_DOT)
-    if SPLIT_TAIL:
-        # the tails continue this program's stride through one global tile sequence (main
-        # tiles, then tails), so programs left a main tile short take the first tails
-        first = pid + tl.cdiv(tl.maximum(num_tiles - pid, 0), num_programs) * num_programs
-        for tail in tl.range(first - num_tiles, num_tails * num_n_tiles, num_programs,
-                             flatten=True, warp_specialize=WARP_SPECIALIZE):
-            t_tile, n_tile = swizzle(tail, num_tails, num_n_tiles, GROUP_M)
-            expert, expert_start, expert_rows, local_row = find_tail_tile(
-                t_tile, experts, sizes, half_end, starts, BLOCK_M)
-            _forward_tile(x_ptr, w_ptr, x_tail_desc, w_desc, y_ptr, y_unweighted_ptr,
-                          gather_ptr, topk_weights_ptr, expert, expert_start, expert_rows,
-                          local_row, n_tile, N, K, TOPK, stride_we, stride_wn, stride_wk,
-                          PERMUTE_X, PERMUTE_Y, FUSE_MUL, STORE_UNWEIGHTED, TMA_W, TMA_X,
-                          BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, UPCAST_DOT, IEEE_DOT)
+
+        rows = local_row + tl.arange(0, BLOCK_M)
+        row_mask = rows < expert_rows
+        pos = expert_start + rows  # expert-order positions (int64)
+        if PERMUTE_X or PERMUTE_Y or FUSE_MUL:
+            routed = tl.load(gather_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+        if PERMUTE_X:
+            x_rows = routed // TOPK
+        else:
+            x_rows = pos
+        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        x_ptrs = x_ptr + x_rows[:, None] * K + ks[None, :]
+        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+                  + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk)
+        w_row = (expert * N + n_tile * BLOCK_N).to(tl.int32)  # TMA row of W as [E*N, K]
+        x_row = (expert_start + local_row).to(tl.int32)       # TMA row of X [M, K]
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                k_mask = ks < BLOCK_K
+            else:
+                k_mask = (k0 + ks) < K
+            if TMA_X:
+                x = x_desc.load([x_row, k0])
+            else:
+                x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if TMA_W:
+                w = w_desc.load([w_row, k0]).T
+            else:
+                w = tl.load(w_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+            if UPCAST_DOT:  # the interpreter's bf16 dot multiplies bit patterns
+                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE_DOT:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+
+        out_rows = routed if PERMUTE_Y else pos
+        out_offsets = out_rows[:, None] * N + cols[None, :]
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        if FUSE_MUL:
+            if STORE_UNWEIGHTED:
+                tl.store(y_unweighted_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty),
+                         mask=out_mask)
+            scale = tl.load(topk_weights_ptr + routed, mask=row_mask, other=0.0).to(tl.float32)
+            acc = acc * scale[:, None]
+        tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def launch_forward(x, w, m_sizes, gather_indices, topk_weights, y, y_unweighted, *, topk,
                    permute_x, permute_y, fuse_mul_post, store_unweighted, config,
-                   programs=None, tail_split=None):
+                   programs=None):
     """Run the forward kernel into the preallocated y (and y_unweighted). Arguments are
     already validated; shapes: x [M or T, K], w [E, N, K], y [M, N]. ``programs``
-    overrides the persistent grid size (tests use it to vary the tile striding);
-    ``tail_split`` overrides ``schedule.split_tail`` (probes compare both schedules)."""
+    overrides the persistent grid size (tests use it to vary the tile striding)."""
     num_experts, n, k = w.shape
     m = y.shape[0]
     if m == 0 or n == 0:
@@ -169,11 +131,9 @@ def launch_forward(x, w, m_sizes, gather_indices, topk_weights, y, y_unweighted,
     w2d = weights_2d(w)
     tma_w = config.tma_load_w and w2d is not None and tma_usable(w2d, config.block_k)
     tma_x = config.tma_load_x and not permute_x and tma_usable(x, config.block_k)
-    tails = split_tail(config.block_m) if tail_split is None else tail_split
     _forward_kernel[(programs,)](
         x, w,
         descriptor_2d(x, config.block_m, config.block_k) if tma_x else None,
-        descriptor_2d(x, config.block_m // 2, config.block_k) if tma_x and tails else None,
         descriptor_2d(w2d, config.block_n, config.block_k) if tma_w else None,
         y, y_unweighted if store_unweighted else y, m_sizes,
         gather_indices if gather_indices is not None else placeholder,
@@ -183,7 +143,7 @@ def launch_forward(x, w, m_sizes, gather_indices, topk_weights, y, y_unweighted,
         STORE_UNWEIGHTED=store_unweighted and fuse_mul_post, TMA_W=tma_w, TMA_X=tma_x,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, E_POW2=next_pow2(num_experts), EVEN_K=k % config.block_k == 0,
-        SPLIT_TAIL=tails, WARP_SPECIALIZE=config.warp_specialize and not INTERPRETING,
+        WARP_SPECIALIZE=config.warp_specialize and not INTERPRETING,
         UPCAST_DOT=INTERPRETING and x.dtype != torch.float32,
         IEEE_DOT=x.dtype == torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -78,41 +78,6 @@ def find_m_tile(tile, experts, sizes, tiles, tiles_end, starts, BLOCK_M: tl.cons
 
 
 @triton.jit
-def split_tile_table(m_sizes_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """``expert_tile_table`` with each expert's last, partial M-tile split off where it has at
-    most BLOCK_M // 2 rows: such a tail runs as a half-height tile in a second tile loop
-    (``find_tail_tile``), so it is not computed over BLOCK_M rows. Returns the main table
-    (experts, sizes, main tiles, their inclusive prefix sums, first rows, total) and the
-    tail table (0/1 per expert, inclusive prefix sums, total)."""
-    experts = tl.arange(0, E_POW2)
-    sizes = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int32)
-    rem = sizes % BLOCK_M
-    half = ((rem > 0) & (rem <= BLOCK_M // 2)).to(tl.int32)
-    tiles = sizes // BLOCK_M + (rem > BLOCK_M // 2).to(tl.int32)
-    sizes64 = sizes.to(tl.int64)
-    starts = tl.cumsum(sizes64, 0) - sizes64
-    return (experts, sizes, tiles, tl.cumsum(tiles, 0), starts, tl.sum(tiles, 0),
-            half, tl.cumsum(half, 0), tl.sum(half, 0))
-
-
-@triton.jit
-def find_tail_tile(tail, experts, sizes, half_end, starts, BLOCK_M: tl.constexpr):
-    """The expert of half-height tail tile number `tail` (``split_tile_table``): (expert,
-    first expert-order row of the expert, its row count, first row of the tail within it)."""
-    expert = tl.sum((half_end <= tail).to(tl.int32), 0)
-    this = experts == expert
-    expert_start = tl.sum(tl.where(this, starts, 0), 0)
-    expert_rows = tl.sum(tl.where(this, sizes, 0), 0)
-    return expert, expert_start, expert_rows, (expert_rows // BLOCK_M) * BLOCK_M
-
-
-def split_tail(block_m: int) -> bool:
-    """Whether a persistent kernel runs experts' short tails as half-height tiles: only
-    where the half still fills a Hopper warpgroup's 64-row MMA."""
-    return block_m >= 128
-
-
-@triton.jit
 def routed_rows(m_sizes_ptr, E, E_POW2: tl.constexpr):
     """sum(m_sizes) (int64): expert-order positions at or past it belong to routing slots
     that were dropped (expert ids outside [0, E): another rank's experts), which no GEMM
