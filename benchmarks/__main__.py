@@ -31,6 +31,11 @@ def _args(argv):
     p.add_argument("--impls", default=",".join(ALL_IMPLS))
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="", help="suffix for the result file names")
+    p.add_argument("--configs-from", type=int, default=None, metavar="TOKENS",
+                   help="run every token count on the configs tuned at TOKENS (copied to "
+                        "the other row buckets of the tuning cache where they have none): "
+                        "a sweep without tuning each bucket (each key compiles every "
+                        "candidate)")
     p.add_argument("--repeat", default="", metavar="IMPL",
                    help="time IMPL's forward again at the end of each shape (impl "
                         "'<IMPL>_again'): checks that the order of measurement does not matter")
@@ -71,6 +76,8 @@ def run(args) -> list[dict]:
             prob = problems.make_problem(shape_name, tokens)
             print(f"== {shape_name} T={tokens} M={prob.m} E={prob.shape.num_experts} "
                   f"N={prob.shape.n} K={prob.shape.k}", flush=True)
+            if args.configs_from:
+                _borrow_configs(prob, args.configs_from)
             inp = torch_impls.TorchInputs(prob)
             benches = list(torch_impls.all_torch(prob, inp, impls))
             again = [b for b in benches if b[0] == args.repeat and b[1] == "fwd"][:1]
@@ -113,6 +120,17 @@ def run(args) -> list[dict]:
             gc.collect()
             torch.cuda.empty_cache()
     return rows
+
+
+def _borrow_configs(prob, from_tokens: int) -> None:
+    """The configs tuned at from_tokens, for this problem's row bucket (both backends)."""
+    from gg_spec import tuning_cache
+    s = prob.shape
+    for backend in ("triton", "pallas"):
+        written = tuning_cache.borrow_bucket(backend, num_experts=s.num_experts, n=s.n, k=s.k,
+                                             from_rows=from_tokens * s.topk, to_rows=prob.m)
+        if written:
+            print(f"   {backend}: {len(written)} configs from T={from_tokens}", flush=True)
 
 
 def _without_out_dir(argv: list[str]) -> str:

@@ -49,7 +49,35 @@ def store(backend: str, key: str, config: AnyConfig, ms: float | None = None) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _read(path)
     data[key] = {"config": config_to_dict(config), "ms": ms}
+    _write(path, data)
+
+
+def _write(path: Path, data: dict) -> None:
+    """Through a temporary file and a rename: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
+
+
+def borrow_bucket(backend: str, *, num_experts: int, n: int, k: int, from_rows: int,
+                  to_rows: int) -> list[str]:
+    """Copy every entry of the weight shape (E, N, K) tuned at the routed-row bucket of
+    `from_rows` to the bucket of `to_rows`, where that bucket has none (its time is not
+    copied: it was not measured there). Returns the keys written. For benchmarks that run
+    other token counts on the configs tuned at one (``python -m benchmarks
+    --configs-from``); tuning every bucket costs each candidate's compilation per key."""
+    from gg_spec.configs import token_bucket
+    src, dst = f"|rows~{token_bucket(from_rows)}|", f"|rows~{token_bucket(to_rows)}|"
+    shape = f"|E={num_experts}|N={n}|K={k}|"
+    path = cache_path(backend)
+    data = _read(path)
+    new = {key.replace(src, dst): {"config": entry["config"], "ms": None}
+           for key, entry in data.items()
+           if shape in key and src in key and key.replace(src, dst) not in data}
+    if src == dst or not new:
+        return []
+    data.update(new)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, data)
+    return sorted(new)

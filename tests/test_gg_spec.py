@@ -290,6 +290,33 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch):
     assert tuning_cache.load("pallas", key) is None
 
 
+def test_tuning_cache_borrow_bucket(tmp_path, monkeypatch):
+    """A shape's entries tuned at one row bucket are copied to another (time not copied),
+    other shapes and existing entries are left alone."""
+    from gg_spec import tuning_cache
+    monkeypatch.setenv("GG_CACHE_DIR", str(tmp_path))
+
+    def key(op, rows, n=8, **flags):
+        return gg_spec.tuning_key(op, num_experts=4, n=n, k=8, rows=rows, dtype="bfloat16",
+                                  device="NVIDIA_H200", **flags)
+    fwd, fwd_px = gg_spec.ForwardConfig(block_n=64), gg_spec.ForwardConfig(block_m=64)
+    tuning_cache.store("triton", key("forward", 8192), fwd, ms=1.0)
+    tuning_cache.store("triton", key("forward", 8192, permute_x=True), fwd_px, ms=1.0)
+    tuning_cache.store("triton", key("forward", 8192, n=16), fwd_px, ms=1.0)  # other shape
+    tuning_cache.store("triton", key("dW", 500), gg_spec.DWConfig(block_n=32), ms=2.0)
+    written = tuning_cache.borrow_bucket("triton", num_experts=4, n=8, k=8, from_rows=8192,
+                                         to_rows=500)
+    assert written == sorted([key("forward", 500), key("forward", 500, permute_x=True)])
+    assert tuning_cache.load("triton", key("forward", 512)) == fwd
+    assert tuning_cache.load("triton", key("forward", 512, permute_x=True)) == fwd_px
+    assert tuning_cache.load("triton", key("forward", 512, n=16)) is None
+    assert tuning_cache.load("triton", key("dW", 512)) == gg_spec.DWConfig(block_n=32)
+    entries = tuning_cache._read(tuning_cache.cache_path("triton"))
+    assert entries[key("forward", 512)]["ms"] is None
+    assert tuning_cache.borrow_bucket("triton", num_experts=4, n=8, k=8, from_rows=8192,
+                                      to_rows=8000) == []  # the same bucket
+
+
 @pytest.mark.parametrize("op", ["forward", "dX", "dW"])
 def test_candidates_are_distinct(op):
     """No config is timed twice: a store-only dW entry turned all-TMA equals the plain
