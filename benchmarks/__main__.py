@@ -98,13 +98,20 @@ def run(args) -> list[dict]:
             jax_wanted = impls & {"dense_xla", "lax_ragged_dot", "tokamax", "pallas_gg",
                                   "pallas_gg_mosaic"}
             if jax_wanted:
+                jbenches = []
                 try:
-                    jbenches = list(jax_impls.all_jax(inp, prob.shape.is_first_gemm, impls))
-                except Exception as e:  # noqa: BLE001
+                    for impl, make in jax_impls.jax_groups(inp, prob.shape.is_first_gemm,
+                                                           impls):
+                        try:
+                            jbenches += make()
+                        except Exception as e:  # noqa: BLE001
+                            traceback.print_exc()
+                            rows.append(_row(shape_name, tokens, impl, "setup", 0.0,
+                                             prob.flops, repr(e)[:500]))
+                except Exception as e:  # noqa: BLE001  (the inputs' conversion)
                     traceback.print_exc()
-                    jbenches = []
                     rows.append(_row(shape_name, tokens, "jax", "setup", 0.0, prob.flops,
-                                     repr(e)))
+                                     repr(e)[:500]))
                 for impl, op, fn, fargs in jbenches:
                     try:
                         ms = timing.time_jax(fn, *fargs)

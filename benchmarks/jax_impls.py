@@ -119,15 +119,17 @@ def pallas_gg_mosaic_impls(j: JaxInputs, first_gemm: bool) -> Iterator[JaxBench]
         a, b, j.m_sizes, j.gather, topk, **mosaic), (j.x, j.w), j.dy)
 
 
-def all_jax(inp: TorchInputs, first_gemm: bool, impls: set[str]) -> Iterator[JaxBench]:
+def jax_groups(inp: TorchInputs, first_gemm: bool,
+               impls: set[str]) -> Iterator[tuple[str, Callable[[], list[JaxBench]]]]:
+    """(implementation, a function building its benches) for each wanted JAX
+    implementation, on inputs converted once: the caller builds each group on its own, so
+    one that fails to set up (jax.lax.ragged_dot's backward runs its forward there, which
+    at T = 32768 asks XLA for 128 GiB) costs only its own rows."""
     j = JaxInputs(inp)
-    if "dense_xla" in impls:
-        yield from dense(j)
-    if "lax_ragged_dot" in impls:
-        yield from lax_ragged_dot(j)
-    if "tokamax" in impls:
-        yield from tokamax(j)
-    if "pallas_gg" in impls:
-        yield from pallas_gg_impls(j, first_gemm)
-    if "pallas_gg_mosaic" in impls:
-        yield from pallas_gg_mosaic_impls(j, first_gemm)
+    groups = [("dense_xla", lambda: dense(j)), ("lax_ragged_dot", lambda: lax_ragged_dot(j)),
+              ("tokamax", lambda: tokamax(j)),
+              ("pallas_gg", lambda: pallas_gg_impls(j, first_gemm)),
+              ("pallas_gg_mosaic", lambda: pallas_gg_mosaic_impls(j, first_gemm))]
+    for name, make in groups:
+        if name in impls:
+            yield name, lambda make=make: list(make())
