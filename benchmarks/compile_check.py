@@ -1,4 +1,4 @@
-"""Compile triton_gg's forward and dX kernels for sm_90 on a machine without a GPU (no device
+"""Compile triton_gg's forward, dX and dW kernels for sm_90 on a machine without a GPU (no device
 time): catches compiler failures (and passes that silently give up, e.g. loop flattening) and
 reports shared memory per program and the wgmma count, for the tiles of the tuned entries.
 
@@ -67,6 +67,22 @@ def compile_dx(block_m, block_n, block_k, num_warps, num_stages, *,
     return _compile(_dx_kernel, sig, consts, num_warps, num_stages)
 
 
+def compile_dw(block_m, block_n, block_k, num_warps, num_stages, *, tma_loads=True,
+               tma_store=True, permute_x=False, permute_y=False, n=1536, k=2048):
+    from triton_gg.kernels.dw import _dw_kernel
+    sig = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dw_ptr": "*bf16",
+           "dw_desc": f"tensordesc<bf16[1, {block_n}, {block_k}]>", "m_sizes_ptr": "*i32",
+           "gather_ptr": "*i32", "E": "i32", "TOPK": "i32", "num_programs": "i32",
+           "stride_de": "i64", "stride_dn": "i64", "stride_dk": "i64"}
+    consts = dict(N=n, K=k, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
+                  TMA_X=tma_loads and not permute_x, TMA_DY=tma_loads and not permute_y,
+                  TMA_DW=tma_store, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                  E_POW2=128, UPCAST_DOT=False, IEEE_DOT=False)
+    if not tma_store:
+        consts["dw_desc"] = None
+    return _compile(_dw_kernel, sig, consts, num_warps, num_stages)
+
+
 def _survey(compile_fn, tiles, fusions):
     failed = 0
     for *tile, extra in tiles:
@@ -90,6 +106,9 @@ def main() -> int:
                      [{}, {"permute_x": True}, {"permute_y": True, "fuse_mul": True}])
     failed += _survey(compile_dx, [(128, 64, 256, 8, 3, {}), (128, 64, 128, 8, 3, {})],
                       [{}, {"permute_x": True}, {"permute_y": True}])
+    failed += _survey(compile_dw, [(64, 128, 256, 8, 3, {}), (64, 128, 128, 4, 3, {}),
+                                   (64, 128, 128, 4, 3, {"tma_loads": False})],
+                      [{}, {"permute_x": True}])
     return 1 if failed else 0
 
 

@@ -125,8 +125,9 @@ DW_VARIANTS = [  # (name, config): the tuned config is timed too
 
 
 def run_dw(name: str, tokens: int, rows: list):
-    """dW on its persistent grid: the tuned config and a few others, each with its output
-    tile stored by pointer stores and through TMA, timed in interleaved rounds."""
+    """dW on its persistent grid: the tuned config and a few others, each with its operands
+    loaded by pointer loads and through TMA (per-expert descriptors) and its output tile
+    stored by pointer stores and through TMA, timed in interleaved rounds."""
     import gg_spec
     import triton_gg
     from triton_gg.kernels.dw import launch_dw
@@ -140,7 +141,10 @@ def run_dw(name: str, tokens: int, rows: list):
     tuned = triton_gg.autotune.cached(triton_gg.autotune.key_for(
         "dW", dims, inp.x.dtype, inp.x.device)) or gg_spec.default_config("dW")
     fns, outputs = {}, {}
-    for vname, config in _with_stores([("tuned", tuned)] + DW_VARIANTS, "tma_store_dw"):
+    loads = [(name + suffix, config.replace(tma_load_x=on, tma_load_dy=on))
+             for name, config in [("tuned", tuned)] + DW_VARIANTS
+             for suffix, on in (("", False), ("+tma_loads", True))]
+    for vname, config in _with_stores(loads, "tma_store_dw"):
         out = torch.full_like(inp.w, float("nan"))
         outputs[vname] = out
         fns[vname] = (lambda out=out, config=config: launch_dw(

@@ -30,12 +30,12 @@ import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
 from triton_gg.kernels.schedule import next_pow2, programs_for
-from triton_gg.kernels.tma import descriptor, descriptor_2d, tma_usable
+from triton_gg.kernels.tma import descriptor, ensure_device_descriptor_scratch, tma_usable
 
 
 @triton.jit
 def _dw_kernel(
-    x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, dw_desc, m_sizes_ptr, gather_ptr,
+    x_ptr, dy_ptr, dw_ptr, dw_desc, m_sizes_ptr, gather_ptr,
     E, N: tl.constexpr, K: tl.constexpr, TOPK, num_programs, stride_de, stride_dn, stride_dk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr,
     TMA_DY: tl.constexpr, TMA_DW: tl.constexpr,
@@ -57,14 +57,14 @@ def _dw_kernel(
         this = experts == expert
         expert_start = tl.sum(tl.where(this, starts, 0), 0)
         expert_rows = tl.sum(tl.where(this, sizes, 0), 0)
-        _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, dw_desc, gather_ptr, expert,
+        _dw_tile(x_ptr, dy_ptr, dw_ptr, dw_desc, gather_ptr, expert,
                  expert_start, expert_rows, n_tile, k_tile, N, K, TOPK, stride_de, stride_dn,
                  stride_dk, PERMUTE_X, PERMUTE_Y, TMA_X, TMA_DY, TMA_DW, BLOCK_M, BLOCK_N,
                  BLOCK_K, UPCAST_DOT, IEEE_DOT)
 
 
 @triton.jit
-def _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, dw_desc, gather_ptr, expert,
+def _dw_tile(x_ptr, dy_ptr, dw_ptr, dw_desc, gather_ptr, expert,
              expert_start, expert_rows, n_tile, k_tile, N: tl.constexpr, K: tl.constexpr, TOPK,
              stride_de, stride_dn, stride_dk, PERMUTE_X: tl.constexpr,
              PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr, TMA_DY: tl.constexpr,
@@ -78,6 +78,14 @@ def _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, dw_desc, gather_ptr, expert
     k_mask = ks < K
     ms = tl.arange(0, BLOCK_M)
 
+    if TMA_DY:  # this expert's rows of dY [M, N] (at least one row: a valid descriptor)
+        dy_desc = tl.make_tensor_descriptor(dy_ptr + expert_start * N,
+                                            shape=[tl.maximum(expert_rows, 1), N],
+                                            strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    if TMA_X:
+        x_desc = tl.make_tensor_descriptor(x_ptr + expert_start * K,
+                                           shape=[tl.maximum(expert_rows, 1), K],
+                                           strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, expert_rows, BLOCK_M):
         row_mask = (m0 + ms) < expert_rows
@@ -88,17 +96,15 @@ def _dw_tile(x_ptr, dy_ptr, x_desc, dy_desc, dw_ptr, dw_desc, gather_ptr, expert
         dy_rows = routed if PERMUTE_Y else pos
         # dY tile [BLOCK_M, BLOCK_N] and X tile [BLOCK_M, BLOCK_K], both row-major loads
         # (16-byte vectors along the contiguous dimension); the MMA reads dY transposed.
-        # A TMA tile runs on into the next expert's rows: those must not enter the sum.
-        first_row = (expert_start + m0).to(tl.int32)
+        # TMA tiles come through this expert's own descriptors (rows past its end read as
+        # zeros: the next expert's rows must not enter the sum), straight into the MMA.
         if TMA_DY:
-            dy = dy_desc.load([first_row, n_tile * BLOCK_N])
-            dy = tl.where(row_mask[:, None], dy, 0.0)
+            dy = dy_desc.load([m0, n_tile * BLOCK_N])
         else:
             dy = tl.load(dy_ptr + dy_rows[:, None] * N + ns[None, :],
                          mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         if TMA_X:
-            x = x_desc.load([first_row, k_tile * BLOCK_K])
-            x = tl.where(row_mask[:, None], x, 0.0)
+            x = x_desc.load([m0, k_tile * BLOCK_K])
         else:
             x = tl.load(x_ptr + x_rows[:, None] * K + ks[None, :],
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -137,11 +143,10 @@ def launch_dw(x, dy, m_sizes, gather_indices, dw, *, topk, permute_x, permute_y,
     programs = programs or programs_for(dw.device, config, x.element_size(),
                                         config.block_m * (config.block_n + config.block_k),
                                         config.block_n * config.block_k if tma_dw else 0)
+    if (tma_x or tma_dy) and dw.is_cuda:
+        ensure_device_descriptor_scratch()
     _dw_kernel[(programs,)](
-        x, dy,
-        descriptor_2d(x, config.block_m, config.block_k) if tma_x else None,
-        descriptor_2d(dy, config.block_m, config.block_n) if tma_dy else None,
-        dw, descriptor(dw, (1, config.block_n, config.block_k)) if tma_dw else None,
+        x, dy, dw, descriptor(dw, (1, config.block_n, config.block_k)) if tma_dw else None,
         m_sizes, gather_indices if gather_indices is not None else m_sizes,
         num_experts, n, k, topk, programs, *dw.stride(),
         PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_X=tma_x, TMA_DY=tma_dy, TMA_DW=tma_dw,

@@ -77,6 +77,24 @@ def descriptor(t: torch.Tensor, block: tuple[int, ...]):
     return TensorDescriptor.from_tensor(t, list(block))
 
 
+def ensure_device_descriptor_scratch() -> None:
+    """Descriptors built inside a kernel (``tl.make_tensor_descriptor``: dW's per-expert
+    operand descriptors) live in global scratch memory that Triton asks an allocator for at
+    launch. Where the caller's context has none set, set one that takes the scratch from
+    torch's caching allocator on the current stream's device; a caller's own allocator is
+    left alone. (Triton keeps the allocator in a context variable, so autograd's backward
+    thread needs its own.)"""
+    import triton
+    from triton.runtime import _allocation
+    if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        return
+    triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def descriptor_2d(t2d: torch.Tensor, block_rows: int, block_cols: int):
     return descriptor(t2d, (block_rows, block_cols))
 
