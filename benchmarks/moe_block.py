@@ -17,6 +17,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from triton_gg.timing import rotated
+
 
 def grouped_mm_block(hidden, gate_up, down, idx, weights):
     """The torch._grouped_mm reference block: explicit gather, two grouped GEMMs, index_add."""
@@ -96,9 +98,10 @@ def main(argv=None) -> int:
         print(f"rel error {name} vs torch._grouped_mm block: {e:.2e}")
     if liger is None:
         print("liger-kernel not importable: its row is missing")
-    # the implementations timed in interleaved rounds (each round times every one), so
-    # that all see the same clock states (the SM clock falls under sustained load:
-    # benchmarks/NOTES.md step 13); the median over rounds is reported
+    # the implementations timed in interleaved rounds (each round times every one, round r
+    # starting r places down the list), so that all see the same clock states (the SM
+    # clock falls under sustained load: benchmarks/NOTES.md steps 13, 15); the median over
+    # rounds is reported
     steps, fwd_ms, both_ms, peaks = {}, {n: [] for n in impls}, {n: [] for n in impls}, {}
     for name, fn in impls.items():
         def step(fn=fn):
@@ -107,9 +110,9 @@ def main(argv=None) -> int:
         step()
         peaks[name] = torch.cuda.max_memory_allocated() / 2**30
         steps[name] = step
-    for _ in range(args.rounds):
-        for name, fn in impls.items():
-            fwd_ms[name].append(triton.testing.do_bench(fn, return_mode="median"))
+    for r in range(args.rounds):  # rotated order, as triton_gg.timing.time_in_rounds
+        for name in rotated(list(impls), r):
+            fwd_ms[name].append(triton.testing.do_bench(impls[name], return_mode="median"))
             both_ms[name].append(triton.testing.do_bench(steps[name], return_mode="median"))
     for name in impls:
         fwd, both = statistics.median(fwd_ms[name]), statistics.median(both_ms[name])

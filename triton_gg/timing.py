@@ -32,9 +32,11 @@ def burst_ms(fn: Callable[[], object], calls: int) -> float:
 def time_in_rounds(fns: dict, *, warmup: int = 3, rounds: int = 5, calls: int = 10) -> dict:
     """{key: median milliseconds per call} of the callables `fns` ({key: fn}): `warmup`
     calls each, then `rounds` rounds in which every callable is timed over `calls`
-    back-to-back calls. A callable that raises, in warm-up or in any round, maps to its
-    exception instead and the others go on (one failure must not end a tuning run or a
-    benchmark)."""
+    back-to-back calls. Round r starts r places further down the list (a rotation), so no
+    callable always runs first or after the same neighbour: within a round the position
+    alone moved identical kernels by 2-5% (benchmarks/NOTES.md step 15). A callable that
+    raises, in warm-up or in any round, maps to its exception instead and the others go on
+    (one failure must not end a tuning run or a benchmark)."""
     live, out = {}, {}
     for key, fn in fns.items():
         try:
@@ -46,12 +48,20 @@ def time_in_rounds(fns: dict, *, warmup: int = 3, rounds: int = 5, calls: int = 
             continue
         live[key] = fn
     samples = {key: [] for key in live}
-    for _ in range(rounds):
-        for key, fn in list(live.items()):
+    for r in range(rounds):
+        for key in rotated(list(live), r):
             try:
-                samples[key].append(burst_ms(fn, calls))
+                samples[key].append(burst_ms(live[key], calls))
             except Exception as e:  # noqa: BLE001  (e.g. out of memory in a later round)
                 out[key] = e
                 del live[key], samples[key]
     out.update({key: statistics.median(v) for key, v in samples.items()})
     return out
+
+
+def rotated(keys: list, shift: int) -> list:
+    """keys rotated left by shift places (mod their number)."""
+    if not keys:
+        return keys
+    shift %= len(keys)
+    return keys[shift:] + keys[:shift]
