@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from triton_gg.timing import rotated
+from gg_spec.rounds import rotated
 
 
 def grouped_mm_block(hidden, gate_up, down, idx, weights):
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         step()
         peaks[name] = torch.cuda.max_memory_allocated() / 2**30
         steps[name] = step
-    for r in range(args.rounds):  # rotated order, as triton_gg.timing.time_in_rounds
+    for r in range(args.rounds):  # rotated order, as gg_spec.rounds.time_in_rounds
         for name in rotated(list(impls), r):
             fwd_ms[name].append(triton.testing.do_bench(impls[name], return_mode="median"))
             both_ms[name].append(triton.testing.do_bench(steps[name], return_mode="median"))

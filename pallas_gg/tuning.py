@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import statistics
 import time
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gg_spec
+import gg_spec.rounds
 from gg_spec import checks, tuning_cache
 from pallas_gg import triton_lowering
 from pallas_gg._backend import device_label, resolve_backend, use_interpreter
@@ -44,15 +46,28 @@ def _cached(op, key, fusions):
     return config
 
 
-def _time_ms(fn, *args, iters: int) -> float:
-    """Mean milliseconds of fn(*args) over ``iters`` back-to-back calls (after compiling)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
+def _host_ms(fn, iters: int) -> float:
+    """Mean milliseconds of fn() over ``iters`` back-to-back calls, host clock: the timer of
+    interpreted runs (the tests of the tuning loop), which have no GPU kernels to time."""
     start = time.perf_counter()
     for _ in range(iters):
-        out = fn(*args)
+        out = fn()
     jax.block_until_ready(out)
     return (time.perf_counter() - start) * 1e3 / iters
+
+
+def _kernel_ms(fn, iters: int) -> float:
+    """Median over ``iters`` calls of the summed durations of the kernels one call of fn()
+    runs (CUPTI, as ``benchmarks.timing.time_jax``): device time, not host time."""
+    from jax.experimental.mosaic.gpu import profiler
+    _, times = profiler.measure(fn, iterations=iters)()
+    if times is None:
+        raise RuntimeError("no kernel ran")
+    return statistics.median([times] if isinstance(times, float) else times)
+
+
+def _warm(fn) -> None:
+    jax.block_until_ready(fn())
 
 
 def _outside_any_trace(fn):
@@ -121,19 +136,22 @@ def _honoured(candidates):
 
 
 def _tune_op(op, problem, topk, fusions, fuse_mul_post, *, iters: int, candidates=None,
-             interpret=False):
-    """(fastest config, its ms) among ``candidates`` (default gg_spec.valid_candidates);
-    candidates that fail to compile (e.g. too much shared memory) are skipped."""
+             interpret=False, rounds: int = 3):
+    """(fastest config, its ms) among ``candidates`` (default gg_spec.valid_candidates),
+    timed in interleaved, rotated rounds (``gg_spec.rounds``: every candidate in the same
+    clock state) by its kernels' device time; candidates that fail to compile (e.g. too
+    much shared memory) are skipped. The search-space order breaks ties."""
     if candidates is None:
         candidates = _honoured(gg_spec.valid_candidates(op, **fusions))
+    timer = _host_ms if interpret else _kernel_ms
+    measured = gg_spec.rounds.time_in_rounds(
+        {config: _launcher(op, problem, topk, fusions, fuse_mul_post, config, interpret)
+         for config in candidates},
+        burst=lambda fn: timer(fn, iters), warm=_warm, warmup=2, rounds=rounds)
     best, best_ms = None, float("inf")
     for config in candidates:
-        launch = _launcher(op, problem, topk, fusions, fuse_mul_post, config, interpret)
-        try:
-            ms = _time_ms(launch, iters=iters)
-        except Exception:  # noqa: BLE001 - a candidate the compiler refuses is just skipped
-            continue
-        if ms < best_ms:
+        ms = measured.get(config)
+        if isinstance(ms, float) and ms < best_ms:
             best, best_ms = config, ms
     if best is None:
         return gg_spec.default_config(op), None

@@ -317,6 +317,39 @@ def test_tuning_cache_borrow_bucket(tmp_path, monkeypatch):
                                       to_rows=8000) == []  # the same bucket
 
 
+def test_rounds_rotate_the_order_and_drop_failures():
+    """gg_spec.rounds.time_in_rounds (both tuners' algorithm): round r starts r places down
+    the list, so over as many rounds as callables every one runs first once; a callable
+    that fails in warm-up or in a later round is reported as its exception and the others
+    finish with the median of their bursts."""
+    from gg_spec import rounds
+    order, calls = [], {"late": 0}
+
+    def late():
+        calls["late"] += 1
+        if calls["late"] > 2:  # after warm-up and the first round
+            raise RuntimeError("out of memory")
+
+    def early():
+        raise RuntimeError("too much shared memory")
+    fns = {"a": lambda: 3.0, "b": lambda: 1.0, "late": late, "early": early}
+    # round 0: a b late; round 1: b late(fails) a; round 2 (a, b left): a b
+    bursts = iter([5.0, 1.0, 0.0, 3.0, 2.0, 4.0, 9.0])
+
+    def burst(fn):
+        key = next(k for k, f in fns.items() if f is fn)
+        order.append(key)
+        fn()
+        return next(bursts)
+    times = rounds.time_in_rounds(fns, burst=burst, warm=lambda fn: fn(), warmup=1,
+                                  rounds=3)
+    assert order == ["a", "b", "late", "b", "late", "a", "a", "b"]
+    assert times["a"] == 4.0 and times["b"] == 3.0  # medians of (5, 2, 4) and (1, 3, 9)
+    assert isinstance(times["late"], RuntimeError) and isinstance(times["early"],
+                                                                   RuntimeError)
+    assert rounds.rotated(list("abc"), 4) == list("bca") and rounds.rotated([], 1) == []
+
+
 @pytest.mark.parametrize("op", ["forward", "dX", "dW"])
 def test_candidates_are_distinct(op):
     """No config is timed twice: a store-only dW entry turned all-TMA equals the plain

@@ -560,20 +560,6 @@ def test_autotune_times_candidates_in_rounds(tmp_path, monkeypatch):
     assert list(seen) == candidates and seen[target]() == target
 
 
-def test_time_in_rounds_rotates_the_order(monkeypatch):
-    """Each round starts one place further down the list: over as many rounds as
-    callables, every one runs first once (no callable keeps the position the clock state
-    favours or penalises)."""
-    from triton_gg import timing
-    monkeypatch.setattr(timing, "burst_ms", lambda fn, calls: fn() or 1.0)
-    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
-    order = []
-    fns = {k: (lambda k=k: order.append(k)) for k in "abc"}
-    times = timing.time_in_rounds(fns, warmup=0, rounds=3, calls=1)
-    assert times == {"a": 1.0, "b": 1.0, "c": 1.0}
-    assert order == list("abc" "bca" "cab")
-
-
 def test_time_in_rounds_medians_and_drops_failures(monkeypatch):
     """time_in_rounds on a fake clock: each candidate's per-call cost comes back; one that
     fails in warm-up and one that fails in a later round are left out, and the others
