@@ -1,6 +1,7 @@
 """Compile triton_gg's forward, dX and dW kernels for sm_90 on a machine without a GPU (no device
-time): catches compiler failures (and passes that silently give up, e.g. loop flattening) and
-reports shared memory per program and the wgmma count, for the tiles of the tuned entries.
+time): catches compiler failures and reports shared memory per program, the wgmma count and
+the number of loops left in the TTGIR (for the persistent forward and dW, 1 means their tile
+and reduction loops were flattened into one), for the tiles of the tuned entries.
 
     TRITON_INTERPRET=0 python -m benchmarks.compile_check
 """
@@ -24,7 +25,7 @@ def _compile(kernel, sig, consts, num_warps, num_stages):
     signature = {a: ("constexpr" if a in consts else sig[a]) for a in names}
     src = ASTSource(fn=kernel, signature=signature,
                     constexprs={(names.index(a),): v for a, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 128),
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
@@ -92,7 +93,8 @@ def _survey(compile_fn, tiles, fusions):
             try:
                 c = compile_fn(*tile, **extra, **fusion)
                 print(f"{name}: shared {c.metadata.shared} B, wgmma "
-                      f"{c.asm['ptx'].count('wgmma.mma_async')}", flush=True)
+                      f"{c.asm['ptx'].count('wgmma.mma_async')}, loops "
+                      f"{c.asm['ttgir'].count('scf.for')}", flush=True)
             except Exception as exc:  # report and go on: this is a survey
                 failed += 1
                 print(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)

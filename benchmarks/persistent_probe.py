@@ -141,9 +141,11 @@ def run_dw(name: str, tokens: int, rows: list):
     tuned = triton_gg.autotune.cached(triton_gg.autotune.key_for(
         "dW", dims, inp.x.dtype, inp.x.device)) or gg_spec.default_config("dW")
     fns, outputs = {}, {}
-    loads = [(name + suffix, config.replace(tma_load_x=on, tma_load_dy=on))
-             for name, config in [("tuned", tuned)] + DW_VARIANTS
-             for suffix, on in (("", False), ("+tma_loads", True))]
+    # each tile with pointer loads and with TMA loads ("tuned" names the tuned tile, its
+    # row with the tuned config's own load setting is the one with or without the suffix)
+    loads = [(name + ("+tma_loads" if on else ""), config.replace(tma_load_x=on,
+                                                                  tma_load_dy=on))
+             for name, config in [("tuned", tuned)] + DW_VARIANTS for on in (False, True)]
     for vname, config in _with_stores(loads, "tma_store_dw"):
         out = torch.full_like(inp.w, float("nan"))
         outputs[vname] = out

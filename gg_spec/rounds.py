@@ -32,6 +32,8 @@ def time_in_rounds(fns: dict[Hashable, Callable[[], object]], *,
     rounds, round r timing every callable once in the list's order rotated by r. A callable
     that raises, in warm-up or in any round, maps to its exception instead and the others go
     on (one failure must not end a tuning run or a benchmark)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     live, out = {}, {}
     for key, fn in fns.items():
         try:

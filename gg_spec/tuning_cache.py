@@ -63,16 +63,19 @@ def _write(path: Path, data: dict) -> None:
 def borrow_bucket(backend: str, *, num_experts: int, n: int, k: int, from_rows: int,
                   to_rows: int) -> list[str]:
     """Copy every entry of the weight shape (E, N, K) tuned at the routed-row bucket of
-    `from_rows` to the bucket of `to_rows`, where that bucket has none (its time is not
-    copied: it was not measured there). Returns the keys written. For benchmarks that run
-    other token counts on the configs tuned at one (``python -m benchmarks
-    --configs-from``); tuning every bucket costs each candidate's compilation per key."""
+    `from_rows` to the bucket of `to_rows`, where that bucket has none. The copy carries no
+    time (it was not measured there) and says where it came from (``"borrowed_from"``: the
+    source bucket), so a later reader of the cache can tell it from a tuned entry. Returns
+    the keys written. For benchmarks that run other token counts on the configs tuned at
+    one (``python -m benchmarks --configs-from``); tuning every bucket costs each
+    candidate's compilation per key."""
     from gg_spec.configs import token_bucket
     src, dst = f"|rows~{token_bucket(from_rows)}|", f"|rows~{token_bucket(to_rows)}|"
     shape = f"|E={num_experts}|N={n}|K={k}|"
     path = cache_path(backend)
     data = _read(path)
-    new = {key.replace(src, dst): {"config": entry["config"], "ms": None}
+    new = {key.replace(src, dst): {"config": entry["config"], "ms": None,
+                                   "borrowed_from": token_bucket(from_rows)}
            for key, entry in data.items()
            if shape in key and src in key and key.replace(src, dst) not in data}
     if src == dst or not new:

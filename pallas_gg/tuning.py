@@ -56,11 +56,11 @@ def _host_ms(fn, iters: int) -> float:
     return (time.perf_counter() - start) * 1e3 / iters
 
 
-def _kernel_ms(fn, iters: int) -> float:
-    """Median over ``iters`` calls of the summed durations of the kernels one call of fn()
-    runs (CUPTI, as ``benchmarks.timing.time_jax``): device time, not host time."""
+def _kernel_ms(launch: _Launch, iters: int) -> float:
+    """Median over ``iters`` calls of the summed durations of the kernels one call of the
+    launch runs (CUPTI, as ``benchmarks.timing.time_jax``): device time, not host time."""
     from jax.experimental.mosaic.gpu import profiler
-    _, times = profiler.measure(fn, iterations=iters)()
+    _, times = profiler.measure(launch.jitted, iterations=iters)(*launch.args)
     if times is None:
         raise RuntimeError("no kernel ran")
     return statistics.median([times] if isinstance(times, float) else times)
@@ -106,20 +106,33 @@ class _Problem:
         self.rows = rows
 
 
+class _Launch:
+    """One candidate's call: a jitted function of the problem's arrays, which are passed as
+    arguments (a function closing over them, jitted by the CUPTI timer, would bake every
+    array into its program as a constant: W alone is 0.8-2.7 GB at the real shapes)."""
+
+    def __init__(self, fn, *args):
+        self.jitted, self.args = jax.jit(fn), args
+
+    def __call__(self):
+        return self.jitted(*self.args)
+
+
 def _launcher(op, problem, topk, fusions, fuse_mul_post, config, interpret=False):
     p = problem
     px, py = fusions["permute_x"], fusions["permute_y"]
     if op == "forward":
-        return lambda: triton_lowering.forward(
-            p.x, p.w, p.m_sizes, p.gather, p.weights if fuse_mul_post else None, topk=topk,
-            num_rows=p.rows, permute_x=px, permute_y=py, fuse_mul_post=fuse_mul_post,
-            config=config, interpret=interpret)
+        return _Launch(lambda x, w, ms, g, weights: triton_lowering.forward(
+            x, w, ms, g, weights, topk=topk, num_rows=p.rows, permute_x=px, permute_y=py,
+            fuse_mul_post=fuse_mul_post, config=config, interpret=interpret),
+            p.x, p.w, p.m_sizes, p.gather, p.weights if fuse_mul_post else None)
     if op == "dX":
-        return lambda: triton_lowering.dx(p.dy, p.w, p.m_sizes, p.gather, num_rows=p.rows,
-                                          permute_x=px, permute_y=py, config=config,
-                                          interpret=interpret)
-    return lambda: triton_lowering.dw(p.x, p.dy, p.m_sizes, p.gather, topk=topk, permute_x=px,
-                                      permute_y=py, config=config, interpret=interpret)
+        return _Launch(lambda dy, w, ms, g: triton_lowering.dx(
+            dy, w, ms, g, num_rows=p.rows, permute_x=px, permute_y=py, config=config,
+            interpret=interpret), p.dy, p.w, p.m_sizes, p.gather)
+    return _Launch(lambda x, dy, ms, g: triton_lowering.dw(
+        x, dy, ms, g, topk=topk, permute_x=px, permute_y=py, config=config,
+        interpret=interpret), p.x, p.dy, p.m_sizes, p.gather)
 
 
 def _honoured(candidates):
@@ -151,7 +164,7 @@ def _tune_op(op, problem, topk, fusions, fuse_mul_post, *, iters: int, candidate
     best, best_ms = None, float("inf")
     for config in candidates:
         ms = measured.get(config)
-        if isinstance(ms, float) and ms < best_ms:
+        if ms is not None and not isinstance(ms, BaseException) and ms < best_ms:
             best, best_ms = config, ms
     if best is None:
         return gg_spec.default_config(op), None

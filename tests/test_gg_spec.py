@@ -303,6 +303,7 @@ def test_tuning_cache_borrow_bucket(tmp_path, monkeypatch):
     tuning_cache.store("triton", key("forward", 8192), fwd, ms=1.0)
     tuning_cache.store("triton", key("forward", 8192, permute_x=True), fwd_px, ms=1.0)
     tuning_cache.store("triton", key("forward", 8192, n=16), fwd_px, ms=1.0)  # other shape
+    tuning_cache.store("triton", key("dW", 8192), gg_spec.DWConfig(block_n=64), ms=1.0)
     tuning_cache.store("triton", key("dW", 500), gg_spec.DWConfig(block_n=32), ms=2.0)
     written = tuning_cache.borrow_bucket("triton", num_experts=4, n=8, k=8, from_rows=8192,
                                          to_rows=500)
@@ -313,6 +314,9 @@ def test_tuning_cache_borrow_bucket(tmp_path, monkeypatch):
     assert tuning_cache.load("triton", key("dW", 512)) == gg_spec.DWConfig(block_n=32)
     entries = tuning_cache._read(tuning_cache.cache_path("triton"))
     assert entries[key("forward", 512)]["ms"] is None
+    assert entries[key("forward", 512)]["borrowed_from"] == 8192
+    assert entries[key("dW", 512)] == {"config": gg_spec.config_to_dict(
+        gg_spec.DWConfig(block_n=32)), "ms": 2.0}  # the tuned entry there is kept
     assert tuning_cache.borrow_bucket("triton", num_experts=4, n=8, k=8, from_rows=8192,
                                       to_rows=8000) == []  # the same bucket
 

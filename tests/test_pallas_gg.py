@@ -574,6 +574,23 @@ def test_autotune_uses_the_cached_config(second_gemm, monkeypatch):
     assert_close(y, ref, "float32", "autotuned forward")
 
 
+@pytest.mark.parametrize("op", ["forward", "dX", "dW"])
+def test_tuning_launch_passes_arrays_as_arguments(op):
+    """The tuner's launches take the problem's arrays as arguments of a jitted function:
+    the CUPTI timer jits what it times, and a function closing over the arrays would carry
+    them into its program as constants (2 MB of W here; 0.8-2.7 GB at the real shapes)."""
+    e, n, k, rows = 4, 256, 512, 64
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((e, n, k)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+    problem = tuning._Problem(x, w, jnp.full((e,), rows // e, jnp.int32),
+                              jnp.arange(rows, dtype=jnp.int32), 1, None, False)
+    launch = tuning._launcher(op, problem, 1, dict(permute_x=False, permute_y=False), False,
+                              gg_spec.default_config(op), interpret=True)
+    program = launch.jitted.lower(*launch.args).as_text()
+    assert len(program) < w.nbytes // 8, "the problem's arrays are baked into the program"
+
+
 def test_tuning_mechanics_interpreted_and_under_jit(second_gemm):
     """The timing loop itself (run interpreted here, on two candidates), also while tracing:
     autotune under jax.jit times synthetic stand-ins eagerly."""

@@ -11,9 +11,19 @@ weight shape; a model has few): static row strides and trip counts measured 10-4
 than runtime N and K on the H200 (benchmarks/NOTES.md, step 4).
 
 Persistent grid: a program per SM (two where two sets of buffers fit) strides over the
-output tiles with the tile loop and the row loop flattened, as in ``forward.py``. An
-expert's reduction is short (~512 rows at qwen3 shapes: 8 steps of 64), so one tile per
-program spent much of its time filling the pipeline and storing.
+output tiles. An expert's reduction is short (~512 rows at qwen3 shapes: 8 steps of 64),
+so one tile per program spent much of its time filling the pipeline and storing. The tile
+loop asks Triton to flatten the row loop into it (as in ``forward.py``), but the row
+loop's trip count is the expert's row count, and Triton 3.6 keeps the two loops: compiled
+for sm_90 the kernel has two ``scf.for`` against the forward's one
+(``benchmarks/compile_check.py``), so the next tile's loads do not overlap this tile's
+epilogue (benchmarks/NOTES.md, step 15).
+
+``tma_load_x`` / ``tma_load_dy``: each tile reads its expert's rows through descriptors
+built in the kernel over those rows only (``tl.make_tensor_descriptor``, base at the
+expert's first row): rows past the expert's end read as zeros, and the tiles go from
+shared memory straight into the MMA. Measured on the H200 (step 15): gptoss_w1 2.145 ->
+1.967 ms, slower at the qwen3 shapes; the tuner picks per shape.
 
 ``tma_store_dw``: the output tile goes registers -> shared memory -> the TMA engine (dW
 viewed [E, N, K], so the engine clips each tile at N and K inside its expert), and the
@@ -137,8 +147,11 @@ def launch_dw(x, dy, m_sizes, gather_indices, dw, *, topk, permute_x, permute_y,
     num_experts, n, k = dw.shape
     if dw.numel() == 0:
         return dw
-    tma_x = config.tma_load_x and not permute_x and tma_usable(x, config.block_k)
-    tma_dy = config.tma_load_dy and not permute_y and tma_usable(dy, config.block_n)
+    # the kernel's per-expert descriptors take rows of exactly K (N) elements
+    tma_x = (config.tma_load_x and not permute_x and x.stride() == (k, 1)
+             and tma_usable(x, config.block_k))
+    tma_dy = (config.tma_load_dy and not permute_y and dy.stride() == (n, 1)
+              and tma_usable(dy, config.block_n))
     tma_dw = config.tma_store_dw and dw.is_contiguous() and tma_usable(dw, config.block_k)
     programs = programs or programs_for(dw.device, config, x.element_size(),
                                         config.block_m * (config.block_n + config.block_k),

@@ -1,11 +1,14 @@
 """Host-side TMA descriptors (Hopper's bulk tensor copy engine) for the operands that are
-read as whole tiles: W always, X / dY when not gathered; and for dW's output tiles, stored
-through a 3-D [E, N, K] view (the engine clips a tile at N and K inside its expert).
+read as whole tiles: W always, X / dY of the forward and dX when not gathered; and for dW's
+output tiles, stored through a 3-D [E, N, K] view (the engine clips a tile at N and K
+inside its expert). dW's X / dY tiles come through descriptors the kernel builds over each
+expert's rows (``ensure_device_descriptor_scratch`` provides their memory).
 
-A TMA tile may run past an expert's last row (into the next expert's rows) or past N; those
-rows and columns only reach output elements that the masked store drops, or are multiplied
-by masked-to-zero values, so the result is unchanged. Past the end of the tensor the engine
-fills zeros. The engine needs 16-byte aligned rows: where a tensor does not have them the
+A forward or dX TMA tile may run past an expert's last row (into the next expert's rows) or
+past N; those rows and columns only reach output elements that the masked store drops, or
+are multiplied by masked-to-zero values, so the result is unchanged. (dW sums over rows, so
+its per-expert descriptors end at the expert's last row instead.) Past the end of a tensor
+the engine fills zeros. The engine needs 16-byte aligned rows: where a tensor does not have them the
 launcher falls back to pointer loads (``tma_usable``), which is what a TMA switch means on a
 shape it cannot serve.
 """
