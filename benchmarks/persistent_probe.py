@@ -1,8 +1,9 @@
 """Probe: tile configs of the persistent forward kernel (triton_gg/kernels/forward.py)
 against the public function with its tuned config and torch._grouped_mm, same process,
 same inputs (random routing), timed in interleaved rounds (CUDA-event medians, warm L2;
-benchmarks/timing.py). ``--op dX``: the tuned dX against torch._grouped_mm's; ``--op dW``: dW tile configs, each with pointer stores and with the
-TMA store; ``--op swiglu``: the block's first GEMM with and without the silu-mul pass.
+benchmarks/timing.py). ``--op dX``: the tuned dX against torch._grouped_mm's; ``--op dW``:
+dW tile configs, each with pointer and TMA loads and with pointer and TMA stores;
+``--op swiglu``: the block's first GEMM with and without the silu-mul pass.
 (Session 5 timed the forward with full tiles stored through TMA too: 2-6% slower, removed;
 benchmarks/NOTES.md step 14. Session 6 timed each variant with experts' short tails as
 half-height tiles in a second loop: 2-5% slower, removed; step 15.)

@@ -8,9 +8,9 @@ A forward or dX TMA tile may run past an expert's last row (into the next expert
 past N; those rows and columns only reach output elements that the masked store drops, or
 are multiplied by masked-to-zero values, so the result is unchanged. (dW sums over rows, so
 its per-expert descriptors end at the expert's last row instead.) Past the end of a tensor
-the engine fills zeros. The engine needs 16-byte aligned rows: where a tensor does not have them the
-launcher falls back to pointer loads (``tma_usable``), which is what a TMA switch means on a
-shape it cannot serve.
+the engine fills zeros. The engine needs 16-byte aligned rows: where a tensor does not have
+them the launcher falls back to pointer loads (``tma_usable``), which is what a TMA switch
+means on a shape it cannot serve.
 """
 
 from __future__ import annotations
