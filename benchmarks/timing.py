@@ -34,22 +34,20 @@ def time_torch_interleaved(fns: dict, *, warmup: int = 3, inner: int = 10,
     repetition times every function once (`inner` back-to-back calls, CUDA events), so all
     of them see the same clock state (the H200's SM clock falls under sustained load:
     1905 -> 1440 MHz measured during a 2.3 ms GEMM timed back to back, benchmarks/NOTES.md
-    step 13). A function that raises (in warm-up or in a round) is reported as its
-    exception instead of a time. The same measurement as triton_gg's tuner
-    (``triton_gg.timing.time_in_rounds``)."""
+    step 13), and repetition r starts r places down the list (position in a round moved
+    identical kernels by 2-5%, step 15). A function that raises (in warm-up or in a round)
+    is reported as its exception instead of a time. The same measurement as triton_gg's
+    tuner (``triton_gg.timing.time_in_rounds``)."""
     from triton_gg.timing import time_in_rounds
     return time_in_rounds(fns, warmup=warmup, rounds=reps, calls=inner)
 
 
 def time_jax(fn: Callable, *args, warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of the kernels that one call of the jitted `fn(*args)` runs."""
+    """Median milliseconds of the kernels that one call of the jitted `fn(*args)` runs
+    (``pallas_gg.tuning.kernel_ms``, the timer of pallas_gg's tuner)."""
     import jax
-    from jax.experimental.mosaic.gpu import profiler
+
+    from pallas_gg.tuning import kernel_ms
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
-    _, times = profiler.measure(fn, iterations=reps)(*args)
-    if times is None:
-        raise RuntimeError("no kernel ran")
-    if isinstance(times, float):
-        times = [times]
-    return statistics.median(times)
+    return kernel_ms(fn, *args, iterations=reps)

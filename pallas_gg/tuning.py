@@ -56,14 +56,20 @@ def _host_ms(fn, iters: int) -> float:
     return (time.perf_counter() - start) * 1e3 / iters
 
 
-def _kernel_ms(launch: _Launch, iters: int) -> float:
-    """Median over ``iters`` calls of the summed durations of the kernels one call of the
-    launch runs (CUPTI, as ``benchmarks.timing.time_jax``): device time, not host time."""
+def kernel_ms(jitted, *args, iterations: int) -> float:
+    """Median over ``iterations`` calls of the summed durations of the kernels that one call
+    of the jitted function ``jitted(*args)`` runs (CUPTI): device time, not host time. The
+    tuner's timer and the benchmarks' (``benchmarks.timing.time_jax``). The arrays must be
+    arguments: a function closing over them would be jitted here with them as constants."""
     from jax.experimental.mosaic.gpu import profiler
-    _, times = profiler.measure(launch.jitted, iterations=iters)(*launch.args)
+    _, times = profiler.measure(jitted, iterations=iterations)(*args)
     if times is None:
         raise RuntimeError("no kernel ran")
     return statistics.median([times] if isinstance(times, float) else times)
+
+
+def _kernel_ms(launch: _Launch, iters: int) -> float:
+    return kernel_ms(launch.jitted, *launch.args, iterations=iters)
 
 
 def _warm(fn) -> None:
