@@ -1,7 +1,8 @@
 """Compile triton_gg's forward, dX and dW kernels for sm_90 on a machine without a GPU (no device
 time): catches compiler failures and reports shared memory per program, the wgmma count and
 the number of loops left in the TTGIR (for the persistent forward and dW, 1 means their tile
-and reduction loops were flattened into one), for the tiles of the tuned entries.
+and reduction loops were flattened into one) and the asynchronous (software-pipelined) loads in
+it, for the tiles of the tuned entries.
 
     TRITON_INTERPRET=0 python -m benchmarks.compile_check
 """
@@ -23,8 +24,12 @@ def _compile(kernel, sig, consts, num_warps, num_stages):
     names = kernel.arg_names
     consts = {a: v for a, v in consts.items() if a in names}
     signature = {a: ("constexpr" if a in consts else sig[a]) for a in names}
+    # a launch specializes 16-byte-aligned pointers (torch's allocations are) with this
+    # hint; without it the loads cannot be vectorized and are not pipelined
+    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names
+               if a not in consts and sig[a].startswith("*")}
     src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(names.index(a),): v for a, v in consts.items()})
+                    constexprs={(names.index(a),): v for a, v in consts.items()}, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -92,9 +97,12 @@ def _survey(compile_fn, tiles, fusions):
                     f"s{tile[4]} {extra or ''} {fusion or 'plain'}")
             try:
                 c = compile_fn(*tile, **extra, **fusion)
+                ttgir = c.asm["ttgir"]
                 print(f"{name}: shared {c.metadata.shared} B, wgmma "
                       f"{c.asm['ptx'].count('wgmma.mma_async')}, loops "
-                      f"{c.asm['ttgir'].count('scf.for')}", flush=True)
+                      f"{ttgir.count('scf.for')}, async loads "
+                      f"{ttgir.count('async_copy_global_to_local')} cp.async + "
+                      f"{ttgir.count('async_tma_copy_global_to_local')} TMA", flush=True)
             except Exception as exc:  # report and go on: this is a survey
                 failed += 1
                 print(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)

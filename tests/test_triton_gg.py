@@ -219,6 +219,38 @@ def test_dw_tma_store(dtype, monkeypatch):
     assert torch.all(dw[2] == 0), "dW of an empty expert"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("sizes", [[0, 21, 0], [9, 40, 0, 0], [0, 0, 0]],
+                         ids=["empty_first_and_last", "empty_tail", "no_rows"])
+def test_dw_tma_loads_with_empty_experts_at_the_ends(sizes, device):
+    """Empty experts still take one step of the flattened dW loop (their tile must be
+    stored as zeros); through TMA their descriptors must stay inside dY and X (row 0), and
+    that step's product must be dropped: empty experts before the first rows, after the
+    last rows with nothing beyond them, and no rows at all. Outputs poisoned. On the GPU in
+    bf16 with a Hopper tile (the hardware engine, not the interpreter's model of it)."""
+    from triton_gg.kernels.dw import launch_dw
+    gen = torch.Generator().manual_seed(5)
+    on_gpu = device == "cuda"
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    m, n, k = sum(sizes) * (8 if on_gpu else 1), 136, 72
+    sizes = [s * (8 if on_gpu else 1) for s in sizes]
+    x = torch.randn(m, k, generator=gen).to(device, dt)
+    dy = torch.randn(m, n, generator=gen).to(device, dt)
+    m_sizes = torch.tensor(sizes, dtype=torch.int32, device=device)
+    tile = gg_spec.DWConfig(64, 64, 64, 4, 3) if on_gpu else SMALL_DW
+    config = tile.replace(tma_load_x=True, tma_load_dy=True, tma_store_dw=True)
+    order = torch.arange(m, dtype=torch.int32, device=device)
+    expected = tref.dW(x, dy, m_sizes, order, 1)
+    for programs in (1, 4, None):
+        dw = torch.full((len(sizes), n, k), POISON, dtype=dt, device=device)
+        launch_dw(x, dy, m_sizes, None, dw, topk=1, permute_x=False, permute_y=False,
+                  config=config, programs=programs)
+        assert_close(dw, expected, "bfloat16" if on_gpu else "float32", "dW")
+        for e, size in enumerate(sizes):
+            if size == 0:
+                assert torch.all(dw[e] == 0), f"dW of empty expert {e}"
+
+
 # -------------------------------------------------------------------- unwritten rows fail
 
 def test_poisoned_output_is_fully_overwritten(monkeypatch):
