@@ -2,12 +2,13 @@
 against the public function with its tuned config and torch._grouped_mm, same process,
 same inputs (random routing), timed in interleaved rounds (CUDA-event medians, warm L2;
 benchmarks/timing.py). ``--op dX``: the tuned dX against torch._grouped_mm's; ``--op dW``:
-dW tile configs, each with pointer and TMA loads, run by the flattened dW kernel and by the
-nested one it replaced (session 7);
+dW tile configs, each with pointer and TMA loads and with pointer and TMA stores;
 ``--op swiglu``: the block's first GEMM with and without the silu-mul pass.
 (Session 5 timed the forward with full tiles stored through TMA too: 2-6% slower, removed;
 benchmarks/NOTES.md step 14. Session 6 timed each variant with experts' short tails as
-half-height tiles in a second loop: 2-5% slower, removed; step 15.)
+half-height tiles in a second loop: 2-5% slower, removed; step 15. Session 7 timed dW
+with its tile and row loops written as one loop against this kernel: 5-30% slower with
+pointer loads, within 3% with TMA loads, removed; step 16.)
 (Session 4's first run of this probe compared the persistent kernel, then in a file of its
 own, with the one-tile-per-program kernel it replaced; benchmarks/NOTES.md step 13.)
 
@@ -44,6 +45,15 @@ def _fusions(first_gemm: bool):
     """(name, permute_x, permute_y, fuse_mul) beyond the plain forward."""
     return [("permute_x", True, False, False)] if first_gemm else [
         ("permute_y_mul", False, True, True)]
+
+
+def _with_stores(variants, field):
+    """Each (name, config, ...) as is and with its output stored through TMA."""
+    out = []
+    for name, config, *rest in variants:
+        out.append((name, config, *rest))
+        out.append((name + "+tma_store", config.replace(**{field: True}), *rest))
+    return out
 
 
 def _report(rows, times, outputs, ref, problem, name, impl_of):
@@ -118,14 +128,11 @@ DW_VARIANTS = [  # (name, config): the tuned config is timed too
 
 
 def run_dw(name: str, tokens: int, rows: list):
-    """dW on its persistent grid: the tuned config and a few others (those with the output
-    tile stored through TMA), each with its operands loaded by pointer loads and through TMA
-    (per-expert descriptors), each run by triton_gg's flattened kernel and by the nested
-    kernel it replaced (``benchmarks/dw_nested_baseline.py``, suffix ``nested``), timed in
-    interleaved rounds."""
+    """dW on its persistent grid: the tuned config and a few others, each with its operands
+    loaded by pointer loads and through TMA (per-expert descriptors) and its output tile
+    stored by pointer stores and through TMA, timed in interleaved rounds."""
     import gg_spec
     import triton_gg
-    from benchmarks.dw_nested_baseline import launch_dw_nested
     from triton_gg.kernels.dw import launch_dw
     gg_spec.set_value_checks(False)
     problem = make_problem(name, tokens)
@@ -139,17 +146,15 @@ def run_dw(name: str, tokens: int, rows: list):
     fns, outputs = {}, {}
     # each tile with pointer loads and with TMA loads ("tuned" names the tuned tile, its
     # row with the tuned config's own load setting is the one with or without the suffix)
-    configs = [("tuned", tuned)] + [(n, c.replace(tma_store_dw=True)) for n, c in DW_VARIANTS]
-    for cname, config in configs:
-        for loads in (False, True):
-            config = config.replace(tma_load_x=loads, tma_load_dy=loads)
-            for kname, launch in (("", launch_dw), ("+nested", launch_dw_nested)):
-                vname = cname + ("+tma_loads" if loads else "") + kname
-                out = torch.full_like(inp.w, float("nan"))
-                outputs[vname] = out
-                fns[vname] = (lambda out=out, config=config, launch=launch: launch(
-                    inp.x, inp.dy, inp.m_sizes, inp.gather, out, topk=inp.topk,
-                    permute_x=False, permute_y=False, config=config))
+    loads = [(name + ("+tma_loads" if on else ""), config.replace(tma_load_x=on,
+                                                                  tma_load_dy=on))
+             for name, config in [("tuned", tuned)] + DW_VARIANTS for on in (False, True)]
+    for vname, config in _with_stores(loads, "tma_store_dw"):
+        out = torch.full_like(inp.w, float("nan"))
+        outputs[vname] = out
+        fns[vname] = (lambda out=out, config=config: launch_dw(
+            inp.x, inp.dy, inp.m_sizes, inp.gather, out, topk=inp.topk, permute_x=False,
+            permute_y=False, config=config))
     times = time_torch_interleaved(fns)
     _report(rows, times, outputs, ref, problem, name, lambda key: ("dW_persistent", key))
 

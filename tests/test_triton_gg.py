@@ -223,11 +223,11 @@ def test_dw_tma_store(dtype, monkeypatch):
 @pytest.mark.parametrize("sizes", [[0, 21, 0], [9, 40, 0, 0], [0, 0, 0]],
                          ids=["empty_first_and_last", "empty_tail", "no_rows"])
 def test_dw_tma_loads_with_empty_experts_at_the_ends(sizes, device):
-    """Empty experts still take one step of the flattened dW loop (their tile must be
-    stored as zeros); through TMA their descriptors must stay inside dY and X (row 0), and
-    that step's product must be dropped: empty experts before the first rows, after the
-    last rows with nothing beyond them, and no rows at all. Outputs poisoned. On the GPU in
-    bf16 with a Hopper tile (the hardware engine, not the interpreter's model of it)."""
+    """dW with TMA loads where experts without rows sit at the ends: before the first rows,
+    after the last rows with nothing beyond them (the descriptor over such an expert starts
+    at the end of dY and X and must never be read), and no rows at all. Each empty expert's
+    tile is exact zeros; outputs poisoned. On the GPU in bf16 with a Hopper tile (the
+    hardware engine, not the interpreter's model of it)."""
     from triton_gg.kernels.dw import launch_dw
     gen = torch.Generator().manual_seed(5)
     on_gpu = device == "cuda"

@@ -3,7 +3,7 @@
 Work is decomposed over (expert, N-tile, K-tile): every program owns one output tile of one
 expert and reduces over that expert's rows only, so no program walks every expert (the
 seed's design, 0.27x of torch._grouped_mm's backward) and no atomics are needed (the result is
-deterministic). An expert with no rows stores exact zeros.
+deterministic). An expert with no rows runs zero iterations and stores exact zeros.
 * permute_x: X is [T, K] in token order, read at gather[p] // topk.
 * permute_y: dY is in routed-row order, read at gather[p].
 N and K are compile-time constants, as in the forward and dX kernels (one compilation per
@@ -11,15 +11,13 @@ weight shape; a model has few): static row strides and trip counts measured 10-4
 than runtime N and K on the H200 (benchmarks/NOTES.md, step 4).
 
 Persistent grid: a program per SM (two where two sets of buffers fit) strides over the
-output tiles. An expert's reduction is short (~512 rows at qwen3 shapes: 8 steps of 64), so
-a tile loop around a row loop spends much of its time filling the pipeline and storing.
-Triton 3.6 does not flatten those two loops (it flattens only a compile-time inner trip
-count; benchmarks/NOTES.md step 15), so the kernel is written as one loop over the
-program's (tile, row step) pairs: the next tile's loads are issued while this tile's last
-MMAs and its store run. A tile starts at step 0 (its expert, rows and descriptors are
-set there) and is stored at its last step; the number of pairs comes from ``m_sizes``
-before the loop (``_steps_of_program``). An expert without rows takes one step, whose
-product is dropped (its tile is stored as zeros).
+output tiles. An expert's reduction is short (~512 rows at qwen3 shapes: 8 steps of 64),
+so one tile per program spent much of its time filling the pipeline and storing. The tile
+loop asks Triton to flatten the row loop into it (as in ``forward.py``), but the row
+loop's trip count is the expert's row count, and Triton 3.6 keeps the two loops: compiled
+for sm_90 the kernel has two ``scf.for`` against the forward's one
+(``benchmarks/compile_check.py``), so the next tile's loads do not overlap this tile's
+epilogue (benchmarks/NOTES.md, step 15).
 
 ``tma_load_x`` / ``tma_load_dy``: each tile reads its expert's rows through descriptors
 built in the kernel over those rows only (``tl.make_tensor_descriptor``, base at the
@@ -54,63 +52,52 @@ def _dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     E_POW2: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    num_n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    num_k_tiles: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    num_k_tiles = tl.cdiv(K, BLOCK_K)
     experts = tl.arange(0, E_POW2)
     sizes = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0)
     sizes64 = sizes.to(tl.int64)
     starts = tl.cumsum(sizes64, 0) - sizes64
-    total_steps = _steps_of_program(tl.program_id(0), num_programs, E, sizes,
-                                    num_n_tiles * num_k_tiles, BLOCK_M, E_POW2)
-    ns0 = tl.arange(0, BLOCK_N)
-    ks0 = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), E * num_n_tiles * num_k_tiles, num_programs,
+                         flatten=True):
+        # consecutive tiles share an expert (its rows stay in L2), then an N-tile
+        expert = tile // (num_n_tiles * num_k_tiles)
+        n_tile = (tile // num_k_tiles) % num_n_tiles
+        k_tile = tile % num_k_tiles
+        this = experts == expert
+        expert_start = tl.sum(tl.where(this, starts, 0), 0)
+        expert_rows = tl.sum(tl.where(this, sizes, 0), 0)
+        _dw_tile(x_ptr, dy_ptr, dw_ptr, dw_desc, gather_ptr, expert,
+                 expert_start, expert_rows, n_tile, k_tile, N, K, TOPK, stride_de, stride_dn,
+                 stride_dk, PERMUTE_X, PERMUTE_Y, TMA_X, TMA_DY, TMA_DW, BLOCK_M, BLOCK_N,
+                 BLOCK_K, UPCAST_DOT, IEEE_DOT)
+
+
+@triton.jit
+def _dw_tile(x_ptr, dy_ptr, dw_ptr, dw_desc, gather_ptr, expert,
+             expert_start, expert_rows, n_tile, k_tile, N: tl.constexpr, K: tl.constexpr, TOPK,
+             stride_de, stride_dn, stride_dk, PERMUTE_X: tl.constexpr,
+             PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr, TMA_DY: tl.constexpr,
+             TMA_DW: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] tile of dW[expert], reduced over the expert's rows."""
+    ns = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = ns < N
+    k_mask = ks < K
     ms = tl.arange(0, BLOCK_M)
-    if TMA_DY:  # replaced at each tile's first step; typed here for the loop
-        dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[1, N], strides=[N, 1],
-                                            block_shape=[BLOCK_M, BLOCK_N])
+
+    if TMA_DY:  # this expert's rows of dY [M, N] (at least one row: a valid descriptor)
+        dy_desc = tl.make_tensor_descriptor(dy_ptr + expert_start * N,
+                                            shape=[tl.maximum(expert_rows, 1), N],
+                                            strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     if TMA_X:
-        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[1, K], strides=[K, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-    # One loop over this program's (tile, row step) pairs: tile = program_id + i *
-    # num_programs, expert-major (consecutive tiles share an expert, whose rows stay in L2),
-    # then N-tile, then K-tile. `step` counts the tile's row steps, `last` is its final one.
-    tile = tl.program_id(0) - num_programs
-    step = -1
-    last = -1
-    expert = 0
-    n_tile = 0
-    k_tile = 0
-    expert_start = tl.zeros((), dtype=tl.int64)
-    expert_rows = 0
+        x_desc = tl.make_tensor_descriptor(x_ptr + expert_start * K,
+                                           shape=[tl.maximum(expert_rows, 1), K],
+                                           strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for _ in range(0, total_steps):
-        step = tl.where(step == last, 0, step + 1)
-        if step == 0:  # the next tile
-            tile += num_programs
-            expert = tile // (num_n_tiles * num_k_tiles)
-            n_tile = (tile // num_k_tiles) % num_n_tiles
-            k_tile = tile % num_k_tiles
-            this = experts == expert
-            expert_start = tl.sum(tl.where(this, starts, 0), 0)
-            expert_rows = tl.sum(tl.where(this, sizes, 0), 0)
-            # an expert without rows still takes one step (its tile must be stored as
-            # zeros): its descriptors then cover row 0, a row that exists, and the step's
-            # product is discarded at the store
-            last = tl.maximum(tl.cdiv(expert_rows, BLOCK_M), 1) - 1
-            desc_start = tl.where(expert_rows > 0, expert_start, 0)
-            if TMA_DY:  # this expert's rows of dY [M, N]; rows past its end read as zeros
-                dy_desc = tl.make_tensor_descriptor(dy_ptr + desc_start * N,
-                                                    shape=[tl.maximum(expert_rows, 1), N],
-                                                    strides=[N, 1],
-                                                    block_shape=[BLOCK_M, BLOCK_N])
-            if TMA_X:
-                x_desc = tl.make_tensor_descriptor(x_ptr + desc_start * K,
-                                                   shape=[tl.maximum(expert_rows, 1), K],
-                                                   strides=[K, 1],
-                                                   block_shape=[BLOCK_M, BLOCK_K])
-        m0 = step * BLOCK_M
-        ns = n_tile * BLOCK_N + ns0
-        ks = k_tile * BLOCK_K + ks0
+    for m0 in range(0, expert_rows, BLOCK_M):
         row_mask = (m0 + ms) < expert_rows
         pos = expert_start + m0 + ms
         if PERMUTE_X or PERMUTE_Y:
@@ -119,18 +106,18 @@ def _dw_kernel(
         dy_rows = routed if PERMUTE_Y else pos
         # dY tile [BLOCK_M, BLOCK_N] and X tile [BLOCK_M, BLOCK_K], both row-major loads
         # (16-byte vectors along the contiguous dimension); the MMA reads dY transposed.
-        # TMA tiles come through this expert's own descriptors (the next expert's rows
-        # must not enter the sum), straight into the MMA.
+        # TMA tiles come through this expert's own descriptors (rows past its end read as
+        # zeros: the next expert's rows must not enter the sum), straight into the MMA.
         if TMA_DY:
             dy = dy_desc.load([m0, n_tile * BLOCK_N])
         else:
             dy = tl.load(dy_ptr + dy_rows[:, None] * N + ns[None, :],
-                         mask=row_mask[:, None] & (ns < N)[None, :], other=0.0)
+                         mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         if TMA_X:
             x = x_desc.load([m0, k_tile * BLOCK_K])
         else:
             x = tl.load(x_ptr + x_rows[:, None] * K + ks[None, :],
-                        mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST_DOT:
             acc = tl.dot(tl.trans(dy.to(tl.float32)), x.to(tl.float32), acc,
                          input_precision="ieee")
@@ -138,34 +125,7 @@ def _dw_kernel(
             acc = tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(dy), x, acc)
-        if step == last:
-            acc = tl.where(expert_rows > 0, acc, 0.0)
-            _store_dw_tile(acc, dw_ptr, dw_desc, expert, n_tile, k_tile, N, K, stride_de,
-                           stride_dn, stride_dk, TMA_DW, BLOCK_N, BLOCK_K)
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
 
-
-@triton.jit
-def _steps_of_program(pid, num_programs, E, sizes, TILES_PER_EXPERT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """How many (tile, row step) pairs program `pid` runs: it owns the tiles pid,
-    pid + num_programs, ...; expert e's tiles are e * TILES_PER_EXPERT + j, and each takes
-    max(cdiv(rows, BLOCK_M), 1) steps. `sizes`: rows per expert, a vector over E_POW2."""
-    experts = tl.arange(0, E_POW2)
-    # the first j with e * TILES_PER_EXPERT + j == pid (mod num_programs); % keeps the
-    # dividend's sign, as in C
-    first = (pid - experts * TILES_PER_EXPERT) % num_programs
-    first = tl.where(first < 0, first + num_programs, first)
-    mine = tl.where((experts < E) & (first < TILES_PER_EXPERT),
-                    tl.cdiv(TILES_PER_EXPERT - first, num_programs), 0)
-    return tl.sum(mine * tl.maximum(tl.cdiv(sizes, BLOCK_M), 1), 0)
-
-
-@triton.jit
-def _store_dw_tile(acc, dw_ptr, dw_desc, expert, n_tile, k_tile, N: tl.constexpr,
-                   K: tl.constexpr, stride_de, stride_dn, stride_dk, TMA_DW: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Store one [BLOCK_N, BLOCK_K] tile of dW[expert]."""
     if TMA_DW:
         # dW as [E, N, K]: the engine clips the tile at N and K within this expert, and
         # the shared -> global copy runs on while the next tile's MMAs start
@@ -173,12 +133,10 @@ def _store_dw_tile(acc, dw_ptr, dw_desc, expert, n_tile, k_tile, N: tl.constexpr
         dw_desc.store([expert, n_tile * BLOCK_N, k_tile * BLOCK_K], tile)
     else:
         # dW[e] is [N, K] (any strides: grouped_mm writes a transposed [E, K, N] view)
-        ns = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
         out = (dw_ptr + expert.to(tl.int64) * stride_de
                + ns[:, None].to(tl.int64) * stride_dn + ks[None, :] * stride_dk)
         tl.store(out, acc.to(dw_ptr.dtype.element_ty),
-                 mask=(ns < N)[:, None] & (ks < K)[None, :])
+                 mask=n_mask[:, None] & k_mask[None, :])
 
 
 def launch_dw(x, dy, m_sizes, gather_indices, dw, *, topk, permute_x, permute_y, config,
@@ -189,12 +147,11 @@ def launch_dw(x, dy, m_sizes, gather_indices, dw, *, topk, permute_x, permute_y,
     num_experts, n, k = dw.shape
     if dw.numel() == 0:
         return dw
-    # the kernel's per-expert descriptors take rows of exactly K (N) elements, and at least
-    # one row (an expert without rows points its descriptors at row 0)
-    tma_x = (config.tma_load_x and not permute_x and x.stride() == (k, 1) and x.shape[0] > 0
+    # the kernel's per-expert descriptors take rows of exactly K (N) elements
+    tma_x = (config.tma_load_x and not permute_x and x.stride() == (k, 1)
              and tma_usable(x, config.block_k))
     tma_dy = (config.tma_load_dy and not permute_y and dy.stride() == (n, 1)
-              and dy.shape[0] > 0 and tma_usable(dy, config.block_n))
+              and tma_usable(dy, config.block_n))
     tma_dw = config.tma_store_dw and dw.is_contiguous() and tma_usable(dw, config.block_k)
     programs = programs or programs_for(dw.device, config, x.element_size(),
                                         config.block_m * (config.block_n + config.block_k),
