@@ -7,8 +7,9 @@ dW tile configs, each with pointer and TMA loads and with pointer and TMA stores
 (Session 5 timed the forward with full tiles stored through TMA too: 2-6% slower, removed;
 benchmarks/NOTES.md step 14. Session 6 timed each variant with experts' short tails as
 half-height tiles in a second loop: 2-5% slower, removed; step 15. Session 7 timed dW
-with its tile and row loops written as one loop against this kernel: 5-30% slower with
-pointer loads, within 3% with TMA loads, removed; step 16.)
+with its tile and row loops written as one loop against this kernel: up to 1.57x the time
+with pointer loads, 0.89-1.15x with TMA loads, never ahead of the best tile; removed; step
+16.)
 (Session 4's first run of this probe compared the persistent kernel, then in a file of its
 own, with the one-tile-per-program kernel it replaced; benchmarks/NOTES.md step 13.)
 
