@@ -2,9 +2,9 @@
 
 Each backend describes its arguments as ``ArgInfo`` (shape, dtype name, device name) and calls
 the check for its op before any launch. Shape, dtype and device problems are found without
-touching the data; the value checks (``sum(m_sizes)``, gather-index range) need four numbers
-that the backend reads off the device in one transfer, and are skipped under tracing
-(``torch.compile``, ``jax.jit``), where values are not known.
+touching the data; the value checks (``sum(m_sizes)``, gather indices in range and each
+once) need five numbers that the backend reads off the device in one transfer, and are
+skipped under tracing (``torch.compile``, ``jax.jit``), where values are not known.
 """
 
 from __future__ import annotations
@@ -111,6 +111,16 @@ def _check_routing(m_sizes: ArgInfo, gather: ArgInfo | None, topk, num_experts: 
               f"there are M={m} routed rows")
 
 
+def _check_tokens_times_topk(x: ArgInfo, gather: ArgInfo | None, topk, m: int,
+                             permute_x: bool):
+    """With permute_x, X holds the T tokens and there are M = T * topk routed rows: a topk
+    that disagrees would gather the wrong rows (gather_indices[p] // topk) silently."""
+    if permute_x and gather is not None and x.shape[0] * topk != m:
+        _fail(f"with permute_x, X has T={x.shape[0]} tokens (shape {x.shape}) and topk={topk}, "
+              f"so there are T*topk={x.shape[0] * topk} routed rows, but gather_indices has "
+              f"M={m} entries")
+
+
 def _check_devices(**args: ArgInfo | None):
     devices = {name: a.device for name, a in args.items() if a is not None}
     if len(set(devices.values())) > 1:
@@ -142,6 +152,7 @@ def check_forward(x: ArgInfo, w: ArgInfo, m_sizes: ArgInfo, gather: ArgInfo | No
     m = gather.shape[0] if (permute_x and gather is not None) else x.shape[0]
     _check_routing(m_sizes, gather, topk, e, m, permute_x or permute_y or fuse_mul_post,
                    _why(permute_x, permute_y, fuse_mul_post))
+    _check_tokens_times_topk(x, gather, topk, m, permute_x)
     tokens = x.shape[0] if permute_x else m
     routed = tokens * topk if permute_x else m
     if fuse_mul_post:
@@ -192,6 +203,7 @@ def check_dW(x: ArgInfo, dy: ArgInfo, m_sizes: ArgInfo, gather: ArgInfo | None, 
         _fail(f"X has {x.shape[0]} rows (shape {x.shape}) but dY has M={m} (shape {dy.shape})")
     _check_routing(m_sizes, gather, topk, m_sizes.shape[0] if m_sizes.ndim == 1 else -1, m,
                    permute_x or permute_y, _why(permute_x, permute_y, False))
+    _check_tokens_times_topk(x, gather, topk, m, permute_x)
     _check_devices(X=x, dY=dy, m_sizes=m_sizes, gather_indices=gather)
     tokens = x.shape[0] if permute_x else m
     routed = tokens * topk if permute_x else m
@@ -199,8 +211,11 @@ def check_dW(x: ArgInfo, dy: ArgInfo, m_sizes: ArgInfo, gather: ArgInfo | None, 
 
 
 def check_values(dims: Dims, m_sizes_sum: int, m_sizes_min: int, gather_min: int | None,
-                 gather_max: int | None) -> None:
-    """The value checks, from four numbers the backend read off the device."""
+                 gather_max: int | None, gather_max_count: int | None = None) -> None:
+    """The value checks, from numbers the backend read off the device in one transfer:
+    sum and minimum of m_sizes; minimum, maximum and the largest number of times one value
+    occurs (``gather_max_count``; from indices clamped into range) of gather_indices. An
+    empty m_sizes has sum 0 and minimum 0."""
     if m_sizes_min < 0:
         _fail(f"m_sizes must be non-negative, got a minimum of {m_sizes_min}")
     if m_sizes_sum != dims.m:
@@ -209,6 +224,11 @@ def check_values(dims: Dims, m_sizes_sum: int, m_sizes_min: int, gather_min: int
         if gather_min < 0 or gather_max >= dims.routed_rows:
             _fail(f"gather_indices must lie in [0, {dims.routed_rows}), got range "
                   f"[{gather_min}, {gather_max}]")
+        # a repeated index makes a scatter (permute_y, dX with permute_x) leave a row
+        # unwritten and a gather read one routed row twice
+        if gather_max_count is not None and gather_max_count > 1:
+            _fail(f"gather_indices must be a permutation of [0, {dims.routed_rows}) (route() "
+                  f"builds one), but one index occurs {gather_max_count} times")
 
 
 def check_topk_ids(shape: tuple, dtype: str, num_experts) -> None:

@@ -69,6 +69,8 @@ def pick_lowering(backend: str, *, op: str, dtype, n: int, k: int, fused: bool,
     Triton lowering's) and the Triton lowering everywhere else, the interpreter included."""
     if backend != "auto":
         return resolve_backend(backend, mosaic_ready=True)
+    if n == 0 or k == 0:  # nothing to compute: the Triton lowering returns zeros unlaunched
+        return "triton"
     if op == "dW":  # output tiles over N and K (64 or 128 wide), reduction over rows
         tiles_fit = n % 64 == 0 and k % 64 == 0
     else:           # output columns N (forward) or K (dX), reduction over the other

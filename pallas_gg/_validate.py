@@ -1,13 +1,16 @@
 """Argument descriptions for gg_spec's checks, and the eager value checks.
 
 The shape, dtype and device checks live in ``gg_spec.checks`` (shared with triton_gg); this
-module only describes JAX arrays as ``ArgInfo`` and reads the four numbers the value checks
-need (sum and min of m_sizes, min and max of gather_indices) in one device-to-host transfer.
+module only describes JAX arrays as ``ArgInfo`` and reads the five numbers the value checks
+need (sum and min of m_sizes; min, max and largest repeat count of gather_indices) in one
+device-to-host transfer.
 Value checks run only on concrete arrays (not under jax.jit / grad tracing) and only while
 ``gg_spec.value_checks_enabled()``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,29 +52,35 @@ def arg_infos(**arrays) -> dict[str, ArgInfo | None]:
 
 
 def as_array(a):
-    """numpy inputs become jax arrays; None and jax arrays pass through."""
+    """numpy inputs become jax arrays; None and jax arrays pass through. The conversion is
+    evaluated eagerly also while a jax.jit function is traced, so numpy routing arrays closed
+    over by it stay concrete and get the value checks."""
     if a is None or isinstance(a, jax.Array):
         return a
-    return jnp.asarray(a)
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(a)
 
 
-@jax.jit
-def _routing_stats(m_sizes, gather):
+@functools.partial(jax.jit, static_argnames="routed_rows")
+def _routing_stats(m_sizes, gather, routed_rows):
     m_sizes = m_sizes.astype(jnp.int64 if m_sizes.dtype == jnp.int64 else jnp.int32)
     stats = [jnp.sum(m_sizes), jnp.min(m_sizes)]
-    if gather is not None and gather.size:
-        stats += [jnp.min(gather).astype(stats[0].dtype), jnp.max(gather).astype(stats[0].dtype)]
+    if gather is not None and gather.size and routed_rows:
+        counts = jnp.bincount(jnp.clip(gather, 0, routed_rows - 1), length=routed_rows)
+        stats += [jnp.min(gather).astype(stats[0].dtype), jnp.max(gather).astype(stats[0].dtype),
+                  jnp.max(counts).astype(stats[0].dtype)]
     return jnp.stack(stats)
 
 
-def routing_stats(m_sizes, gather):
-    """(sum, min of m_sizes, min, max of gather or None) in one device-to-host read."""
+def routing_stats(m_sizes, gather, routed_rows: int):
+    """(sum, min of m_sizes, then min, max and the largest repeat count of gather, or None)
+    in one device-to-host read."""
     # Concrete routing arrays closed over by a jax.jit function are checked too: compute the
     # statistics eagerly rather than staging them into the caller's program.
     with jax.ensure_compile_time_eval():
-        stats = np.asarray(_routing_stats(m_sizes, gather)).tolist()
+        stats = np.asarray(_routing_stats(m_sizes, gather, routed_rows=routed_rows)).tolist()
     if len(stats) == 2:
-        stats += [None, None]
+        stats += [None, None, None]
     return stats
 
 
@@ -83,9 +92,11 @@ def read_scalars(*values) -> list:
 
 
 def check_routing_values(dims: Dims, m_sizes, gather) -> None:
-    """sum(m_sizes) == M, m_sizes >= 0 and gather within range, when values are known."""
+    """sum(m_sizes) == M, m_sizes >= 0 and gather a permutation of the routed rows, when
+    values are known."""
     if not checks.value_checks_enabled() or is_traced(m_sizes, gather):
         return
-    if m_sizes.shape[0] == 0:
+    if m_sizes.shape[0] == 0:  # no experts: nothing to read, and M must be 0
+        checks.check_values(dims, 0, 0, None, None)
         return
-    checks.check_values(dims, *routing_stats(m_sizes, gather))
+    checks.check_values(dims, *routing_stats(m_sizes, gather, dims.routed_rows))

@@ -140,9 +140,7 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
     X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
         X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
         permute_y=permute_y, fuse_mul_post=fuse_mul_post)
-    if permute_x and dims.m != dims.tokens * topk:
-        raise ValueError(f"with permute_x, gather_indices has {dims.m} entries but X has "
-                         f"T={dims.tokens} tokens and topk={topk}: expected T*topk rows")
+    check_routing_values(dims, m_sizes, gather_indices)  # before any tuning runs on them
     interpret = use_interpreter(X, W)
     fusions = dict(permute_x=permute_x, permute_y=permute_y)
     configs = {"forward": forward_config, "dX": dx_config, "dW": dw_config}
@@ -160,7 +158,6 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
         mul = {"fuse_mul_post": fuse_mul_post} if op == "forward" else {}
         configs[op] = config_for(op, config, mosaic=mosaic, **fusions, **mul)
         lowerings.append(lowering)
-    check_routing_values(dims, m_sizes, gather_indices)
     static = _Static(topk, dims.m, permute_x, permute_y, fuse_mul_post, configs["forward"],
                      configs["dX"], configs["dW"], interpret, tuple(lowerings))
     gather = None if gather_indices is None else gather_indices.astype(jnp.int32)

@@ -28,7 +28,14 @@ def _fail(msg: str):
 
 
 def _check_block(params, hidden, top_k_index, top_k_weights):
+    missing = [name for name in ("gate_up_proj", "down_proj") if name not in params]
+    if missing:
+        _fail(f"params lacks {missing} (it holds {sorted(params)})")
     gate_up, down = params["gate_up_proj"], params["down_proj"]
+    for name, a in (("hidden", hidden), ("top_k_weights", top_k_weights),
+                    ("gate_up_proj", gate_up), ("down_proj", down)):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            _fail(f"{name} must be a floating-point array, got {a.dtype} (shape {a.shape})")
     if hidden.ndim != 2 or top_k_index.ndim != 2 or top_k_index.shape != top_k_weights.shape:
         _fail(f"expected hidden [T, H], top_k_index and top_k_weights [T, k]; got "
               f"{hidden.shape}, {top_k_index.shape}, {top_k_weights.shape}")

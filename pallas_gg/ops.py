@@ -74,12 +74,12 @@ def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False
     X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
         X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
         permute_y=permute_y, fuse_mul_post=fuse_mul_post)
+    check_routing_values(dims, m_sizes, gather_indices)  # before a tuner could time them
     interpret = use_interpreter(X, W)
     lowering = _lowering(backend, "forward", dims, dtype=X.dtype, config=config,
                          fused=permute_x or permute_y or fuse_mul_post, interpret=interpret)
     config = config_for("forward", config, mosaic=lowering is mosaic_lowering,
                         permute_x=permute_x, permute_y=permute_y, fuse_mul_post=fuse_mul_post)
-    check_routing_values(dims, m_sizes, gather_indices)
     return lowering.forward(
         X, W, m_sizes, _index_array(gather_indices),
         topk_weights if fuse_mul_post else None, topk=topk, num_rows=dims.m,
@@ -101,12 +101,12 @@ def grouped_gemm_dX(dY, W, m_sizes, gather_indices, topk, *, permute_x=False, pe
     info = arg_infos(dY=dY, W=W, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dX(info["dY"], info["W"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
+    check_routing_values(dims, m_sizes, gather_indices)
     interpret = use_interpreter(dY, W)
     lowering = _lowering(backend, "dX", dims, dtype=dY.dtype, config=config,
                          fused=permute_x or permute_y, interpret=interpret)
     config = config_for("dX", config, mosaic=lowering is mosaic_lowering,
                         permute_x=permute_x, permute_y=permute_y)
-    check_routing_values(dims, m_sizes, gather_indices)
     return lowering.dx(
         dY, W, m_sizes, _index_array(gather_indices), num_rows=dims.m, permute_x=permute_x,
         permute_y=permute_y, config=config, interpret=interpret)
@@ -125,12 +125,12 @@ def grouped_gemm_dW(X, dY, m_sizes, gather_indices, topk, *, permute_x=False, pe
     info = arg_infos(X=X, dY=dY, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dW(info["X"], info["dY"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
+    check_routing_values(dims, m_sizes, gather_indices)
     interpret = use_interpreter(X, dY)
     lowering = _lowering(backend, "dW", dims, dtype=X.dtype, config=config,
                          fused=permute_x or permute_y, interpret=interpret)
     config = config_for("dW", config, mosaic=lowering is mosaic_lowering,
                         permute_x=permute_x, permute_y=permute_y)
-    check_routing_values(dims, m_sizes, gather_indices)
     return lowering.dw(
         X, dY, m_sizes, _index_array(gather_indices), topk=topk, permute_x=permute_x,
         permute_y=permute_y, config=config, interpret=interpret)

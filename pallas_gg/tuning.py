@@ -22,7 +22,7 @@ import gg_spec.rounds
 from gg_spec import checks, tuning_cache
 from pallas_gg import triton_lowering
 from pallas_gg._backend import device_label, resolve_backend, use_interpreter
-from pallas_gg._validate import arg_infos, as_array, is_traced
+from pallas_gg._validate import arg_infos, as_array, check_routing_values, is_traced
 
 CACHE_BACKEND = "pallas"
 OPS = ("forward", "dX", "dW")
@@ -221,9 +221,10 @@ def tune(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permute_y=Fals
                      topk_weights=topk_weights)
     if gather_indices is None:
         raise ValueError("tune needs gather_indices (the routing of the problem to time)")
-    checks.check_forward(info["X"], info["W"], info["m_sizes"], info["gather_indices"], topk,
-                         permute_x=permute_x, permute_y=permute_y,
-                         topk_weights=info["topk_weights"], fuse_mul_post=fuse_mul_post)
+    dims = checks.check_forward(info["X"], info["W"], info["m_sizes"], info["gather_indices"],
+                                topk, permute_x=permute_x, permute_y=permute_y,
+                                topk_weights=info["topk_weights"], fuse_mul_post=fuse_mul_post)
+    check_routing_values(dims, m_sizes, gather_indices)  # the candidates would run on them
     unknown = set(ops) - set(OPS)
     if unknown:
         raise ValueError(f"ops must be among {OPS}, got {sorted(unknown)}")

@@ -481,6 +481,55 @@ def test_routing_values(second_gemm):
         gg_spec.set_value_checks(previous)
 
 
+def test_routing_errors_found_before_any_launch(second_gemm):
+    """As triton_gg: a topk that disagrees with len(gather_indices) under permute_x (direct
+    ops too), a repeated gather index, no experts but routed rows; numpy routing closed
+    over by a jitted function; and tune() refuses bad routing before timing anything."""
+    p = second_gemm
+    m, k = p.x.shape
+    x_tokens = p.x[: m // 2]
+    for call in (lambda: pallas_gg.grouped_gemm_forward(x_tokens, p.w, p.m_sizes, p.gather, 4,
+                                                        permute_x=True),
+                 lambda: pallas_gg.grouped_gemm_dW(x_tokens, p.dy, p.m_sizes, p.gather, 4,
+                                                   permute_x=True)):
+        with pytest.raises(ValueError, match=rf"T\*topk={m * 2} routed rows, but "
+                                             rf"gather_indices has M={m}"):
+            call()
+    twice = p.gather.at[1].set(p.gather[0])
+    with pytest.raises(ValueError, match=rf"permutation of \[0, {m}\).*occurs 2 times"):
+        pallas_gg.grouped_gemm_forward(p.x, p.w, p.m_sizes, twice, 2, permute_y=True)
+    with pytest.raises(ValueError, match="permutation"):
+        pallas_gg.grouped_gemm(p.x, p.w, p.m_sizes, twice, 2, permute_y=True)
+    with pytest.raises(ValueError, match=rf"sum\(m_sizes\)=0 must equal the M={m}"):
+        pallas_gg.grouped_gemm_dW(p.x, p.dy, p.m_sizes[:0], None, 2)
+    with pytest.raises(ValueError, match=r"sum\(m_sizes\)=0"):
+        pallas_gg.grouped_gemm_forward(p.x, p.w[:0], p.m_sizes[:0], None, 2)
+    bad_sizes = np.asarray(p.m_sizes).copy()
+    bad_sizes[0] += 1
+    gather = np.asarray(p.gather)
+    with pytest.raises(ValueError, match=r"sum\(m_sizes\)"):
+        jax.jit(lambda x: pallas_gg.grouped_gemm_forward(x, p.w, bad_sizes, gather, 2))(p.x)
+    with pytest.raises(ValueError, match=r"sum\(m_sizes\)"):
+        tuning.tune(p.x, p.w, bad_sizes, gather, 2)
+
+
+def test_empty_reductions_give_zeros(second_gemm):
+    """K = 0 (forward) and N = 0 (dX) are sums over nothing: zeros of the right shape, as
+    jax.lax.ragged_dot gives, never a launch that fails inside the kernel."""
+    p = second_gemm
+    m, k = p.x.shape
+    n = p.w.shape[1]
+    y = pallas_gg.grouped_gemm_forward(p.x[:, :0], p.w[:, :, :0], p.m_sizes, p.gather, 2)
+    assert y.shape == (m, n) and not jnp.any(y)
+    dx = pallas_gg.grouped_gemm_dX(p.dy[:, :0], p.w[:, :0], p.m_sizes, p.gather, 2)
+    assert dx.shape == (m, k) and not jnp.any(dx)
+    y = pallas_gg.grouped_gemm(p.x[:, :0], p.w[:, :, :0], p.m_sizes, p.gather, 2)
+    assert y.shape == (m, n) and not jnp.any(y)
+    lhs, rhs = p.x[:, :0], jnp.zeros((p.w.shape[0], 0, n), p.x.dtype)
+    np.testing.assert_array_equal(pallas_gg.ragged_dot(lhs, rhs, p.m_sizes),
+                                  jax.lax.ragged_dot(lhs, rhs, p.m_sizes))
+
+
 def test_configs_that_conflict_with_the_fusions(second_gemm):
     p = second_gemm
     first = Inputs(Case(get_shape("tiny_w1"), 8, "float32", "random", Fusion(permute_x=True)))

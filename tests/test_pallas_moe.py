@@ -88,6 +88,10 @@ def test_validation():
     bad = dict(params, down_proj=params["down_proj"][:, :, :4])
     with pytest.raises(ValueError, match="down_proj"):
         pallas_gg.moe_experts(bad, hidden, idx, weights)
+    with pytest.raises(ValueError, match=r"hidden must be a floating-point array, got int32"):
+        pallas_gg.moe_experts(params, (hidden * 10).astype(jnp.int32), idx, weights)
+    with pytest.raises(ValueError, match=r"params lacks \['down_proj'\]"):
+        pallas_gg.moe_experts({"gate_up_proj": params["gate_up_proj"]}, hidden, idx, weights)
 
 
 def test_torch_and_jax_layers_agree_with_biases_and_foreign_ids():

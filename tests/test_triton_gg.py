@@ -393,6 +393,61 @@ def test_dx_dw_validation():
         triton_gg.grouped_gemm_dW(inp.x, inp.dy, inp.m_sizes, None, 2, permute_y=True)
 
 
+def test_routing_errors_found_before_any_launch():
+    """Routing that the kernels would follow silently (wrong rows, unwritten rows, reads
+    out of bounds) is refused with a ValueError first."""
+    inp = _plain_inputs()
+    m, k = inp.x.shape
+    topk = inp.case.topk
+    x_tokens = torch.randn(m // topk, k)
+    # permute_x with a topk that disagrees with len(gather_indices) = T * topk
+    with pytest.raises(ValueError, match=r"T\*topk=32 routed rows, but gather_indices has M=16"):
+        triton_gg.grouped_gemm_forward(x_tokens, inp.w, inp.m_sizes, inp.gather, 4,
+                                       permute_x=True)
+    with pytest.raises(ValueError, match=r"T\*topk=32"):
+        triton_gg.grouped_gemm_dW(x_tokens, inp.dy, inp.m_sizes, inp.gather, 4, permute_x=True)
+    with pytest.raises(ValueError, match=r"T\*topk=32"):
+        triton_gg.grouped_gemm(x_tokens, inp.w, inp.m_sizes, inp.gather, 4, permute_x=True)
+    # an int64 index past 2**32 (it must not wrap into range when read back)
+    far = inp.gather.long().clone()
+    far[0] += 2 ** 32
+    with pytest.raises(ValueError, match=r"gather_indices must lie in \[0, 16\)"):
+        triton_gg.grouped_gemm_forward(x_tokens, inp.w, inp.m_sizes, far, topk, permute_x=True)
+    # a repeated index: the scatter would leave a row unwritten
+    twice = inp.gather.clone()
+    twice[1] = twice[0]
+    with pytest.raises(ValueError, match=r"permutation of \[0, 16\).*occurs 2 times"):
+        triton_gg.grouped_gemm_forward(inp.x, inp.w, inp.m_sizes, twice, topk, permute_y=True)
+    with pytest.raises(ValueError, match=r"permutation"):
+        triton_gg.grouped_gemm_dX(inp.dy, inp.w, inp.m_sizes, twice, topk, permute_x=True)
+    # no experts but routed rows
+    no_w, no_sizes = inp.w[:0], inp.m_sizes[:0]
+    with pytest.raises(ValueError, match=r"sum\(m_sizes\)=0 must equal the M=16"):
+        triton_gg.grouped_gemm_forward(inp.x, no_w, no_sizes, None, topk)
+    with pytest.raises(ValueError, match=r"sum\(m_sizes\)=0"):
+        triton_gg.grouped_gemm_dX(inp.dy, no_w, no_sizes, inp.gather, topk)
+    with pytest.raises(ValueError, match=r"sum\(m_sizes\)=0"):
+        triton_gg.grouped_gemm_dW(inp.x, inp.dy, no_sizes, None, topk)
+    with pytest.raises(ValueError, match=r"sum\(m_sizes\)=0"):
+        triton_gg.grouped_mm(inp.x, no_w.transpose(1, 2), torch.zeros(0, dtype=torch.int32))
+
+
+def test_argument_type_errors_name_the_argument():
+    inp = _plain_inputs()
+    with pytest.raises(TypeError, match=r"X must be a torch.Tensor, got ndarray"):
+        triton_gg.grouped_gemm_forward(inp.x.numpy(), inp.w, *inp.routing)
+    with pytest.raises(TypeError, match=r"gather_indices must be a torch.Tensor"):
+        triton_gg.grouped_gemm_dX(inp.dy, inp.w, inp.m_sizes, inp.gather.tolist(), 2,
+                                  permute_y=True)
+    offs = torch.cumsum(inp.m_sizes, 0).to(torch.int32)
+    with pytest.raises(TypeError, match=r"grouped_mm: a must be a torch.Tensor"):
+        triton_gg.grouped_mm(inp.x.numpy(), inp.w.transpose(1, 2), offs)
+    with pytest.raises(ValueError, match=r"grouped_mm: offs must be int32 or int64"):
+        triton_gg.grouped_mm(inp.x, inp.w.transpose(1, 2), offs.float())
+    with pytest.raises(ValueError, match=r"grouped_mm: a has dtype torch.float16 but b"):
+        triton_gg.grouped_mm(inp.x.half(), inp.w.transpose(1, 2), offs)
+
+
 def test_value_checks_can_be_turned_off():
     inp = _plain_inputs()
     previous = triton_gg.set_value_checks(False)

@@ -60,6 +60,15 @@ def test_module_and_validation():
                               weights)
     with pytest.raises(ValueError, match="tokens"):
         triton_gg.moe_experts(hidden[:5], layer.gate_up_proj, layer.down_proj, idx, weights)
+    args = (hidden, layer.gate_up_proj, layer.down_proj, idx)
+    with pytest.raises(ValueError, match=r"one device.*'top_k_weights': 'meta'"):
+        triton_gg.moe_experts(*args, weights.to("meta"))
+    with pytest.raises(ValueError, match=r"one device.*'down_bias': 'meta'"):
+        triton_gg.moe_experts(*args, weights, down_bias=torch.zeros(4, 16, device="meta"))
+    with pytest.raises(ValueError, match=r"hidden and top_k_weights must be floating point"):
+        triton_gg.moe_experts((hidden * 10).int(), *args[1:], weights)
+    with pytest.raises(TypeError, match=r"hidden must be a torch.Tensor, got ndarray"):
+        triton_gg.moe_experts(hidden.numpy(), *args[1:], weights)
 
 
 def test_biases_and_foreign_ids_match_eager():

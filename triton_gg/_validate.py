@@ -11,11 +11,11 @@ from gg_spec.checks import ArgInfo
 from triton_gg._runtime import check_device  # noqa: F401  (re-exported)
 
 
-def describe(t: torch.Tensor | None) -> ArgInfo | None:
+def describe(t: torch.Tensor | None, name: str = "argument") -> ArgInfo | None:
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"expected a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return ArgInfo(tuple(t.shape), str(t.dtype).replace("torch.", ""), str(t.device))
 
 
@@ -24,16 +24,21 @@ def _tracing() -> bool:
 
 
 def check_values(dims, m_sizes: torch.Tensor, gather: torch.Tensor | None) -> None:
-    """sum(m_sizes) == M and gather indices in range, read off the device at once."""
-    if _tracing() or not gg_spec.value_checks_enabled() or m_sizes.numel() == 0:
+    """sum(m_sizes) == M, m_sizes >= 0, and the gather indices a permutation of the routed
+    rows, read off the device at once (as int64: an int64 index past 2**31 must not wrap)."""
+    if _tracing() or not gg_spec.value_checks_enabled():
+        return
+    if m_sizes.numel() == 0:  # no experts: nothing to read, and M must be 0
+        checks.check_values(dims, 0, 0, None, None)
         return
     stats = [m_sizes.sum(), m_sizes.min()]
-    has_gather = gather is not None and gather.numel() > 0
+    has_gather = gather is not None and gather.numel() > 0 and dims.routed_rows > 0
     if has_gather:
-        stats += [gather.min().to(m_sizes.dtype), gather.max().to(m_sizes.dtype)]
+        g = gather.to(torch.int64)
+        counts = torch.bincount(g.clamp(0, dims.routed_rows - 1), minlength=dims.routed_rows)
+        stats += [g.min(), g.max(), counts.max()]
     values = torch.stack([s.to(torch.int64) for s in stats]).tolist()
-    gmin, gmax = (values[2], values[3]) if has_gather else (None, None)
-    checks.check_values(dims, values[0], values[1], gmin, gmax)
+    checks.check_values(dims, *values[:2], *(values[2:] if has_gather else (None, None)))
 
 
 def check_config(op, config, *, permute_x, permute_y, fuse_mul_post=False):
@@ -56,23 +61,26 @@ def _finish(op, dims, first, first_name, m_sizes, gather, config, *, permute_x, 
 
 def check_forward(x, w, m_sizes, gather, topk, *, permute_x, permute_y, topk_weights,
                   fuse_mul_post, config):
-    dims = checks.check_forward(describe(x), describe(w), describe(m_sizes), describe(gather),
+    dims = checks.check_forward(describe(x, "X"), describe(w, "W"),
+                                describe(m_sizes, "m_sizes"), describe(gather, "gather_indices"),
                                 topk, permute_x=permute_x, permute_y=permute_y,
-                                topk_weights=describe(topk_weights),
+                                topk_weights=describe(topk_weights, "topk_weights"),
                                 fuse_mul_post=fuse_mul_post)
     return _finish("forward", dims, x, "X", m_sizes, gather, config, permute_x=permute_x,
                    permute_y=permute_y, fuse_mul_post=fuse_mul_post)
 
 
 def check_dX(dy, w, m_sizes, gather, topk, *, permute_x, permute_y, config):
-    dims = checks.check_dX(describe(dy), describe(w), describe(m_sizes), describe(gather),
-                           topk, permute_x=permute_x, permute_y=permute_y)
+    dims = checks.check_dX(describe(dy, "dY"), describe(w, "W"), describe(m_sizes, "m_sizes"),
+                           describe(gather, "gather_indices"), topk, permute_x=permute_x,
+                           permute_y=permute_y)
     return _finish("dX", dims, dy, "dY", m_sizes, gather, config, permute_x=permute_x,
                    permute_y=permute_y)
 
 
 def check_dW(x, dy, m_sizes, gather, topk, *, permute_x, permute_y, config):
-    dims = checks.check_dW(describe(x), describe(dy), describe(m_sizes), describe(gather),
-                           topk, permute_x=permute_x, permute_y=permute_y)
+    dims = checks.check_dW(describe(x, "X"), describe(dy, "dY"), describe(m_sizes, "m_sizes"),
+                           describe(gather, "gather_indices"), topk, permute_x=permute_x,
+                           permute_y=permute_y)
     return _finish("dW", dims, x, "X", m_sizes, gather, config, permute_x=permute_x,
                    permute_y=permute_y)

@@ -18,6 +18,19 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *,
     entry must equal M. ``b`` may be any strided [E, K, N] tensor, e.g. the transpose of
     [E, N, K] weights, and is never copied.
     """
+    for name, t in (("a", a), ("b", b), ("offs", offs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"grouped_mm: {name} must be a torch.Tensor, got {type(t).__name__}")
+    # checked here under the caller's names (the shared checks below say X, W, m_sizes)
+    if offs.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"grouped_mm: offs must be int32 or int64 (cumulative row ends), got "
+                         f"{offs.dtype}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"grouped_mm: a has dtype {a.dtype} but b has {b.dtype}; cast them to "
+                         f"one dtype")
+    if len({a.device, b.device, offs.device}) > 1:
+        raise ValueError(f"grouped_mm: a, b and offs must be on one device, got {a.device}, "
+                         f"{b.device} and {offs.device}")
     if a.ndim != 2 or b.ndim != 3 or offs.ndim != 1:
         raise ValueError(f"grouped_mm takes a [M, K], b [E, K, N], offs [E]; got a "
                          f"{tuple(a.shape)}, b {tuple(b.shape)}, offs {tuple(offs.shape)}")

@@ -42,6 +42,17 @@ def _check_block(hidden, w1, w2, top_k_index, top_k_weights, b1, b2, names):
     """Shapes of one expert block: hidden [T, H], w1 [E, N1, H], w2 [E, H, I],
     top_k_index / top_k_weights [T, k], b1 [E, N1], b2 [E, H]."""
     w1_name, w2_name = names
+    args = {"hidden": hidden, w1_name: w1, w2_name: w2, "top_k_index": top_k_index,
+            "top_k_weights": top_k_weights, "gate_up_bias": b1, "down_bias": b2}
+    for name, t in args.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {name: str(t.device) for name, t in args.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        _fail(f"all arguments must be on one device, got {devices}")
+    if not hidden.is_floating_point() or not top_k_weights.is_floating_point():
+        _fail(f"hidden and top_k_weights must be floating point, got {hidden.dtype} and "
+              f"{top_k_weights.dtype}")
     if hidden.ndim != 2 or top_k_index.ndim != 2 or top_k_index.shape != top_k_weights.shape:
         _fail(f"expected hidden [T, H], top_k_index and top_k_weights [T, k]; got "
               f"{tuple(hidden.shape)}, {tuple(top_k_index.shape)}, "

@@ -83,8 +83,12 @@ def dw(x, dy, m_sizes, gather_indices, *, topk: int, permute_x: bool, permute_y:
     """Launch the dW kernel (no validation: see ``pallas_gg.grouped_gemm_dW``).
 
     dW [E, N, K] in ``out_dtype`` (default X's dtype) for X [M or T, K], dY [M, N],
-    m_sizes [E], gather_indices [M] int32 (or None without permutes).
+    m_sizes [E], gather_indices [M] int32 (or None without permutes). No experts, an empty
+    output or no rows: zeros, no launch.
     """
+    num_experts, n, k = m_sizes.shape[0], dy.shape[1], x.shape[1]
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    if num_experts == 0 or n == 0 or k == 0 or dy.shape[0] == 0:
+        return jnp.zeros((num_experts, n, k), out_dtype)
     return _dw(x, dy, m_sizes, gather_indices, topk=topk, permute_x=permute_x,
-               permute_y=permute_y, config=config, interpret=interpret,
-               out_dtype=jnp.dtype(x.dtype if out_dtype is None else out_dtype))
+               permute_y=permute_y, config=config, interpret=interpret, out_dtype=out_dtype)

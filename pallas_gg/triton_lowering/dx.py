@@ -91,8 +91,11 @@ def dx(dy, w, m_sizes, gather_indices, *, num_rows: int, permute_x: bool, permut
 
     dX [num_rows, K] in ``out_dtype`` (default dY's dtype) for dY [M, N], W [E, N, K],
     m_sizes [E] (sum <= num_rows; rows past the sum come out zero), gather_indices [M] int32
-    (or None without permutes).
+    (or None without permutes). No experts or an empty reduction (N = 0): zeros, no launch.
     """
+    num_experts, n, k = w.shape
+    out_dtype = jnp.dtype(dy.dtype if out_dtype is None else out_dtype)
+    if num_experts == 0 or n == 0 or k == 0 or num_rows == 0:
+        return jnp.zeros((num_rows, k), out_dtype)
     return _dx(dy, w, m_sizes, gather_indices, num_rows=num_rows, permute_x=permute_x,
-               permute_y=permute_y, config=config, interpret=interpret,
-               out_dtype=jnp.dtype(dy.dtype if out_dtype is None else out_dtype))
+               permute_y=permute_y, config=config, interpret=interpret, out_dtype=out_dtype)

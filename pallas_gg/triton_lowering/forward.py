@@ -102,9 +102,13 @@ def forward(x, w, m_sizes, gather_indices, topk_weights, *, topk: int, num_rows:
 
     Y [num_rows, N] in ``out_dtype`` (default X's dtype) for X [M or T, K], W [E, N, K],
     m_sizes [E] (sum <= num_rows; rows past the sum come out zero), gather_indices [M] int32
-    (or None without fusions), topk_weights [M] (or None without fuse_mul_post).
+    (or None without fusions), topk_weights [M] (or None without fuse_mul_post). No experts
+    or an empty reduction (K = 0): zeros, no launch.
     """
+    num_experts, n, k = w.shape
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    if num_experts == 0 or k == 0 or n == 0 or num_rows == 0:
+        return jnp.zeros((num_rows, n), out_dtype)
     return _forward(x, w, m_sizes, gather_indices, topk_weights, topk=topk, num_rows=num_rows,
                     permute_x=permute_x, permute_y=permute_y, fuse_mul_post=fuse_mul_post,
-                    config=config, interpret=interpret,
-                    out_dtype=jnp.dtype(x.dtype if out_dtype is None else out_dtype))
+                    config=config, interpret=interpret, out_dtype=out_dtype)
