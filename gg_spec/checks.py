@@ -231,6 +231,14 @@ def check_values(dims: Dims, m_sizes_sum: int, m_sizes_min: int, gather_min: int
                   f"builds one), but one index occurs {gather_max_count} times")
 
 
+def check_layer_sizes(**sizes) -> None:
+    """The sizes of a new expert layer (num_experts, hidden_size, intermediate_size): each a
+    positive int."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            _fail(f"{name} must be a positive int, got {value!r}")
+
+
 def check_topk_ids(shape: tuple, dtype: str, num_experts) -> None:
     """Shapes for route(topk_ids, num_experts)."""
     if len(shape) != 2:

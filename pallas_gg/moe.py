@@ -18,6 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from gg_spec import checks
 from gg_spec.checks import routing_trusted
 from pallas_gg.autodiff import grouped_gemm
 from pallas_gg.routing import route
@@ -100,6 +101,8 @@ def moe_experts(params: dict, hidden: jax.Array, top_k_index: jax.Array,
 def init_params(key: jax.Array, num_experts: int, hidden_size: int, intermediate_size: int,
                 dtype=jnp.float32) -> dict:
     """Random params in the Hugging Face layout, scaled 1/sqrt(fan_in)."""
+    checks.check_layer_sizes(num_experts=num_experts, hidden_size=hidden_size,
+                             intermediate_size=intermediate_size)
     k1, k2 = jax.random.split(key)
     return {
         "gate_up_proj": jax.random.normal(

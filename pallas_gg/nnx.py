@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_gg._backend import resolve_backend
 from pallas_gg.moe import init_params, moe_experts
 
 
@@ -28,6 +29,7 @@ class MoEExperts(nnx.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *,
                  rngs: nnx.Rngs, bias: bool = False, act: Callable = jax.nn.silu,
                  dtype=jnp.float32, autotune: bool = False, backend: str = "auto"):
+        resolve_backend(backend, mosaic_ready=True)  # refuse an unknown name now, not at call
         params = init_params(rngs.params(), num_experts, hidden_size, intermediate_size,
                              dtype)
         self.gate_up_proj = nnx.Param(params["gate_up_proj"])

@@ -92,6 +92,8 @@ def test_validation():
         pallas_gg.moe_experts(params, (hidden * 10).astype(jnp.int32), idx, weights)
     with pytest.raises(ValueError, match=r"params lacks \['down_proj'\]"):
         pallas_gg.moe_experts({"gate_up_proj": params["gate_up_proj"]}, hidden, idx, weights)
+    with pytest.raises(ValueError, match=r"num_experts must be a positive int, got 0"):
+        init_params(jax.random.PRNGKey(0), 0, 16, 8)
 
 
 def test_torch_and_jax_layers_agree_with_biases_and_foreign_ids():
@@ -125,6 +127,10 @@ def test_nnx_module():
         layer.params())
     for name, g in ref.items():
         np.testing.assert_allclose(grads[name][...], g, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"hidden_size must be a positive int, got -1"):
+        MoEExperts(3, -1, 8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        MoEExperts(3, 16, 8, rngs=nnx.Rngs(0), backend="bogus")
 
 
 @pytest.mark.gpu

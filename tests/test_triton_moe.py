@@ -69,6 +69,8 @@ def test_module_and_validation():
         triton_gg.moe_experts((hidden * 10).int(), *args[1:], weights)
     with pytest.raises(TypeError, match=r"hidden must be a torch.Tensor, got ndarray"):
         triton_gg.moe_experts(hidden.numpy(), *args[1:], weights)
+    with pytest.raises(ValueError, match=r"hidden_size must be a positive int, got -1"):
+        triton_gg.MoEExperts(4, -1, 8)
 
 
 def test_biases_and_foreign_ids_match_eager():

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gg_spec import default_config
+from gg_spec import checks
 from gg_spec.checks import routing_trusted
 from triton_gg import _block_ops, _ops, api
 from triton_gg import autotune as autotune_cache
@@ -245,6 +246,8 @@ class MoEExperts(nn.Module):
                  act: Callable[[torch.Tensor], torch.Tensor] = nn.functional.silu,
                  device=None, dtype=None):
         super().__init__()
+        checks.check_layer_sizes(num_experts=num_experts, hidden_size=hidden_size,
+                                 intermediate_size=intermediate_size)
         kw = dict(device=device, dtype=dtype)
         self.gate_up_proj = nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
