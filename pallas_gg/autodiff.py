@@ -130,7 +130,8 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
 
     Shapes: X [M, K] (or [T, K] with ``permute_x``), W [E, N, K], m_sizes [E],
     gather_indices [M], topk_weights [M] (routed-row order) -> Y [M, N]. The gradient of X
-    has X's shape ([T, K] with permute_x: each token's k routed copies summed).
+    has X's shape ([T, K] with permute_x: each token's k routed copies summed). Without
+    ``fuse_mul_post`` topk_weights is not read and its gradient is zero.
 
     Configs left None take the default config, or with ``autotune=True`` the tuned one
     (``pallas_gg.tune``; on CPU the cached or default config, nothing is timed). An explicit

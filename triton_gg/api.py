@@ -119,6 +119,7 @@ def grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
 
     Gradients: X ([T, K] with permute_x: each token's topk routed copies summed), W, and
     with fuse_mul_post topk_weights (d topk_weights[r] = <dY[r], Y_unweighted[r]>).
+    Without fuse_mul_post topk_weights is not read and gets no gradient.
     """
     dims = v.check_forward(X, W, m_sizes, gather_indices, topk, permute_x=permute_x,
                            permute_y=permute_y, topk_weights=topk_weights,
