@@ -175,6 +175,41 @@ def test_unsupported_modules_raise_not_implemented():
         hf.hf_experts_forward(experts, hidden, idx, weights)
 
 
+def test_a_gate_set_on_the_instance_is_honoured():
+    """A gate patched onto one module (not its class) is what that module computes, as in
+    transformers' own implementations: the fused SiLU gate must not replace it silently."""
+    experts = _experts_module()
+    torch.manual_seed(4)
+    hidden = torch.randn(5, experts.hidden_dim)
+    idx = torch.randint(0, experts.num_experts, (5, 2))
+    weights = torch.rand(5, 2)
+
+    def clamped_gate(h):
+        gate, up = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate.clamp(max=0.01)) * up
+    experts._apply_gate = clamped_gate
+    ours = hf.hf_experts_forward(experts, hidden, idx, weights)
+    ref = torch.zeros_like(hidden)
+    for t in range(5):
+        for j in range(2):
+            e = idx[t, j]
+            h = clamped_gate(hidden[t] @ experts.gate_up_proj[e].T)
+            ref[t] += weights[t, j] * (h @ experts.down_proj[e].T)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_experts_say_what_is_unsupported():
+    """transformers' FP8 experts look the name up in a registry of their own: there it
+    raises NotImplementedError naming the quantisation, not 'not a valid implementation'."""
+    fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    name = triton_gg.register_hf_experts()
+    refuse = fp8.FP8ExpertsInterface._global_mapping[name]
+    experts = _experts_module()
+    with pytest.raises(NotImplementedError, match="FP8-quantised"):
+        refuse(experts, torch.randn(2, experts.hidden_dim), torch.zeros(2, 2, dtype=torch.long),
+               torch.ones(2, 2))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
 def test_tiny_model_bf16_gpu(arch, spy):

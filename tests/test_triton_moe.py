@@ -63,7 +63,7 @@ def test_module_and_validation():
     args = (hidden, layer.gate_up_proj, layer.down_proj, idx)
     with pytest.raises(ValueError, match=r"one device.*'top_k_weights': 'meta'"):
         triton_gg.moe_experts(*args, weights.to("meta"))
-    with pytest.raises(ValueError, match=r"one device.*'down_bias': 'meta'"):
+    with pytest.raises(ValueError, match=r"one device.*'down_proj bias': 'meta'"):
         triton_gg.moe_experts(*args, weights, down_bias=torch.zeros(4, 16, device="meta"))
     with pytest.raises(ValueError, match=r"hidden and top_k_weights must be floating point"):
         triton_gg.moe_experts((hidden * 10).int(), *args[1:], weights)

@@ -20,7 +20,9 @@ library's ``grouped_mm`` implementation does:
 * expert ids outside [0, E) (expert-parallel sentinels) contribute nothing.
 
 What the kernels cannot run raises ``NotImplementedError`` naming it (weights that are not
-bf16/fp16/fp32 tensors, e.g. quantised experts; a layout attribute this module does not know).
+bf16/fp16/fp32 tensors, e.g. quantised experts, transformers' FP8 experts included, which
+look the name up in a registry of their own; a layout attribute this module does not know).
+A gate set on one module instance (``module._apply_gate = ...``) is honoured like a class's.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def _is_default_silu_gate(module) -> bool:
         from transformers.integrations.moe import _default_apply_gate
     except ImportError:
         return False
+    if "_apply_gate" in vars(module):  # a gate set on this instance overrides the class's
+        return False
     gate = getattr(type(module), "_apply_gate", None)
     return (gate is _default_apply_gate and getattr(module, "is_concatenated", True)
             and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU)))
@@ -105,4 +109,21 @@ def register_hf_experts(name: str = NAME) -> str:
         raise ImportError("register_hf_experts needs transformers >= 5 "
                           "(transformers.integrations.moe.ExpertsInterface)") from e
     ExpertsInterface.register(name, hf_experts_forward)
+    _register_quantised_refusal(name)
     return name
+
+
+def _refuse_quantised(self, hidden_states, top_k_index, top_k_weights):
+    _unsupported(self, "its experts are FP8-quantised (transformers' FP8 experts); the "
+                       "kernels take float32/float16/bfloat16 weights")
+
+
+def _register_quantised_refusal(name: str) -> None:
+    """transformers' FP8 experts look their forward up in a registry of their own: the name
+    goes there too, so that such a model says what is unsupported instead of that the name
+    is unknown."""
+    try:
+        from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+    except ImportError:  # a transformers without FP8 experts
+        return
+    FP8ExpertsInterface.register(name, _refuse_quantised)

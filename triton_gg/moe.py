@@ -43,8 +43,11 @@ def _check_block(hidden, w1, w2, top_k_index, top_k_weights, b1, b2, names):
     """Shapes of one expert block: hidden [T, H], w1 [E, N1, H], w2 [E, H, I],
     top_k_index / top_k_weights [T, k], b1 [E, N1], b2 [E, H]."""
     w1_name, w2_name = names
+    # the biases by their weights' names (moe_experts calls them gate_up_bias / down_bias,
+    # Hugging Face modules gate_up_proj_bias / up_proj_bias / down_proj_bias)
+    b1_name, b2_name = f"{w1_name} bias", f"{w2_name} bias"
     args = {"hidden": hidden, w1_name: w1, w2_name: w2, "top_k_index": top_k_index,
-            "top_k_weights": top_k_weights, "gate_up_bias": b1, "down_bias": b2}
+            "top_k_weights": top_k_weights, b1_name: b1, b2_name: b2}
     for name, t in args.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -72,8 +75,8 @@ def _check_block(hidden, w1, w2, top_k_index, top_k_weights, b1, b2, names):
     if w1.shape[0] != w2.shape[0]:
         _fail(f"{w1_name} {tuple(w1.shape)} and {w2_name} {tuple(w2.shape)} disagree on the "
               f"number of experts")
-    for name, bias, want in (("gate_up_bias", b1, (w1.shape[0], w1.shape[1])),
-                             ("down_bias", b2, (w2.shape[0], w2.shape[1]))):
+    for name, bias, want in ((b1_name, b1, (w1.shape[0], w1.shape[1])),
+                             (b2_name, b2, (w2.shape[0], w2.shape[1]))):
         if bias is not None and tuple(bias.shape) != want:
             _fail(f"{name} must be [E, N] = {want}, got {tuple(bias.shape)}")
 
