@@ -691,6 +691,46 @@ def test_tile_table_covers_every_row_once():
         np.testing.assert_array_equal(owner, expected)
 
 
+@pytest.mark.parametrize("op", ["forward", "dX"])
+def test_each_tile_writes_only_its_own_rows(op, monkeypatch):
+    """Run the tiles of one expert at a time (the others made padding slots): exactly that
+    expert's rows come out written (the interpreter leaves unwritten rows NaN) and right.
+    In interpret mode tiles run in order, so a tile that also wrote its neighbour's first
+    row would be overwritten by the owner and pass every other test; on a GPU it races."""
+    rng = np.random.default_rng(4)
+    m_sizes = np.array([5, 7, 0, 4], np.int32)
+    m, k, n = int(m_sizes.sum()), 24, 20
+    w = jnp.asarray(rng.standard_normal((4, n, k)), jnp.float32)
+    operand = jnp.asarray(rng.standard_normal((m, k if op == "forward" else n)), jnp.float32)
+    launch = {"forward": lambda cfg: triton_lowering.forward(
+                  operand, w, jnp.asarray(m_sizes), None, None, topk=1, num_rows=m,
+                  permute_x=False, permute_y=False, fuse_mul_post=False, config=cfg,
+                  interpret=True),
+              "dX": lambda cfg: triton_lowering.dx(
+                  operand, w, jnp.asarray(m_sizes), None, num_rows=m, permute_x=False,
+                  permute_y=False, config=cfg, interpret=True)}[op]
+    config = (ForwardConfig if op == "forward" else DXConfig)(
+        block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
+    order = np.arange(m, dtype=np.int32)
+    expected = (reference.forward(np.asarray(operand), np.asarray(w), m_sizes, order, 1)
+                if op == "forward" else
+                reference.dX(np.asarray(operand), np.asarray(w), m_sizes, order, 1))
+    real_table = schedule.row_tile_table
+    offs = np.concatenate([[0], np.cumsum(m_sizes)])
+    for expert in np.flatnonzero(m_sizes):
+        def one_expert(sizes, num_rows, block_m, expert=expert):
+            table = real_table(sizes, num_rows, block_m)
+            return jnp.where((table[0] == expert)[None, :], table, 0)
+        monkeypatch.setattr(schedule, "row_tile_table", one_expert)
+        jax.clear_caches()  # the launch is jitted: trace it again with this table
+        out = np.asarray(launch(config))
+        written = np.flatnonzero(np.isfinite(out).all(axis=1))
+        np.testing.assert_array_equal(written, np.arange(offs[expert], offs[expert + 1]))
+        rows = slice(offs[expert], offs[expert + 1])
+        assert rel_error(out[rows], expected[rows]) < tolerance("float32")
+    jax.clear_caches()  # no later test may reuse a trace with the restricted table
+
+
 def test_triton_deprecation_warning_is_silenced():
     from pallas_gg._backend import quiet_triton_deprecation
     with warnings.catch_warnings(record=True) as caught:

@@ -79,6 +79,9 @@ def test_swiglu_gemm_outputs_every_row(monkeypatch):
     h, a = _block_ops.swiglu_gemm_impl(x, w, m_sizes, gather, 2, True, _ops.encode(SMALL))
     assert h.shape == (22, 18) and a.shape == (22, 9)
     assert torch.isfinite(h).all() and torch.isfinite(a).all()
+    ref_h, ref_a = _swiglu_reference(x, w, m_sizes, gather, 2)
+    torch.testing.assert_close(h.double(), ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.double(), ref_a, rtol=1e-5, atol=1e-5)
 
 
 def _all_rows(m):
@@ -118,14 +121,25 @@ def test_combine_forward_and_backward(tokens, topk, hidden, dtype):
     torch.testing.assert_close(gwt.double(), rw, **tol)
 
 
-def test_combine_backward_without_weight_gradient_writes_every_row():
+def test_combine_backward_without_weight_gradient_writes_every_row(monkeypatch):
+    """A frozen router (routing weights without gradient) takes the backward's other
+    branch: dY must still be every row's weighted d_out (outputs poisoned)."""
     gen = torch.Generator().manual_seed(1)
     gather = torch.randperm(12, generator=gen).to(torch.int32)
+    pos = _inverse(gather)
     y = torch.randn(12, 33, generator=gen, requires_grad=True)
     weights = torch.rand(12, generator=gen)  # no gradient wanted
-    out = _block_ops.combine(y, weights, _inverse(gather), _all_rows(12), 3)
-    (gy,) = torch.autograd.grad(out, (y,), torch.randn(4, 33, generator=gen))
-    assert torch.isfinite(gy).all()
+    d_out = torch.randn(4, 33, generator=gen)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))
+                        if k.get("dtype", torch.float32).is_floating_point else
+                        real_empty(*a, **k))
+    out = _block_ops.combine(y, weights, pos, _all_rows(12), 3)
+    (gy,) = torch.autograd.grad(out, (y,), d_out)
+    y64 = y.detach().double().requires_grad_(True)
+    (ry,) = torch.autograd.grad(_combine_reference(y64, weights, pos, 3), (y64,),
+                                d_out.double())
+    torch.testing.assert_close(gy.double(), ry, rtol=1e-5, atol=1e-6)
 
 
 def _block_weights(seed, t, e, h, i):

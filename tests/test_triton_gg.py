@@ -150,20 +150,24 @@ MATRIX = cpu_cases()
 @pytest.mark.parametrize("mode", ["manual", "autotune"])
 @pytest.mark.parametrize("op", ["forward", "dX", "dW"])
 @pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.id)
-def test_direct(case, op, mode):
+def test_direct(case, op, mode, monkeypatch):
     inp = Inputs(case)
+    poison_new_outputs(monkeypatch)
     assert_close(run_direct(inp, op, mode), expected_direct(inp, op), case.dtype, op)
 
 
 @pytest.mark.parametrize("mode", ["manual", "autotune"])
 @pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.id)
-def test_autograd(case, mode):
-    check_autograd(Inputs(case), mode)
+def test_autograd(case, mode, monkeypatch):
+    inp = Inputs(case)
+    poison_new_outputs(monkeypatch)
+    check_autograd(inp, mode)
 
 
 @pytest.mark.parametrize("case", edge_cases(), ids=lambda c: c.id)
-def test_edge_cases(case):
+def test_edge_cases(case, monkeypatch):
     inp = Inputs(case)
+    poison_new_outputs(monkeypatch)
     for op in ("forward", "dX", "dW"):
         out = run_direct(inp, op, "manual")
         assert_close(out, expected_direct(inp, op), case.dtype, op)
@@ -176,10 +180,11 @@ TMA_CASES = [c for c in cpu_cases(("float32", "bfloat16")) if c.topk != 4][::2] 
 
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: c.id)
-def test_tma_configs(case):
+def test_tma_configs(case, monkeypatch):
     """Every legal TMA load switch on (tiles that straddle experts or run past N must not
     change the result); shapes TMA cannot serve fall back to pointer loads."""
     inp = Inputs(case)
+    poison_new_outputs(monkeypatch)
     f = case.fusion
     fwd = gg_spec.configs.with_legal_tma("forward", SMALL_FWD, **inp.flags)
     dx = gg_spec.configs.with_legal_tma("dX", SMALL_DX, **inp.flags)
@@ -192,6 +197,34 @@ def test_tma_configs(case):
     dw_cfg = gg_spec.configs.with_legal_tma("dW", SMALL_DW, **inp.flags)
     d = triton_gg.grouped_gemm_dW(inp.x, inp.dy, *inp.routing, **inp.flags, config=dw_cfg)
     assert_close(d, expected_direct(inp, "dW"), case.dtype, "dW")
+
+
+def test_tma_loads_with_experts_longer_than_a_tile(monkeypatch):
+    """TMA-loaded X (forward) and dY (dX) where experts span several M-tiles: each tile
+    reads its own rows (the tile's offset inside its expert), the last one a partial tile;
+    outputs poisoned, against the float64 reference. (The matrix's TMA cases have experts
+    of at most one tile.)"""
+    from triton_gg.kernels import tma
+    gen = torch.Generator().manual_seed(13)
+    m_sizes = torch.tensor([37, 0, 16, 23], dtype=torch.int32)  # 3 + 0 + 1 + 2 tiles of 16
+    m, e, n, k = int(m_sizes.sum()), 4, 24, 32
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(e, n, k, generator=gen)
+    dy = torch.randn(m, n, generator=gen)
+    order = torch.arange(m, dtype=torch.int32)
+    poison_new_outputs(monkeypatch)
+    described = []  # the tensors that got a TMA descriptor
+    real = tma.descriptor
+    monkeypatch.setattr(tma, "descriptor", lambda t, block: described.append(t.data_ptr())
+                        or real(t, block))
+    fwd = SMALL_FWD.replace(tma_load_w=True, tma_load_x=True)
+    y = triton_gg.grouped_gemm_forward(x, w, m_sizes, order, 1, config=fwd)
+    assert_close(y, tref.forward(x, w, m_sizes, order, 1), "float32", "Y")
+    dx = triton_gg.grouped_gemm_dX(dy, w, m_sizes, order, 1,
+                                   config=SMALL_DX.replace(tma_load_w=True, tma_load_dy=True))
+    assert_close(dx, tref.dX(dy, w, m_sizes, order, 1), "float32", "dX")
+    assert x.data_ptr() in described and dy.data_ptr() in described, \
+        "X or dY was not loaded through a TMA descriptor"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
