@@ -228,6 +228,24 @@ def test_a_gate_set_on_the_instance_is_honoured():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_gpt_oss_clamps_hit():
+    """gpt-oss's own gate clamps the gate and up halves at `limit` (7): with inputs large
+    enough that a sizeable share of the values pass it, the module's gate still runs as the
+    model defines it (at the default init the clamp is never reached)."""
+    experts = _experts_module("gpt_oss")
+    torch.manual_seed(6)
+    hidden = 40 * torch.randn(6, experts.hidden_size)
+    idx = torch.randint(0, experts.num_experts, (6, 2))
+    weights = torch.rand(6, 2)
+    assert experts.is_transposed  # gate_up_proj [E, H, 2I]
+    h = torch.einsum("th,ehn->ten", hidden, experts.gate_up_proj)[torch.arange(6)[:, None], idx]
+    assert (h.abs() > experts.limit).float().mean() > 0.1, "the clamp is not reached"
+    with torch.no_grad():
+        ref = experts(hidden, idx, weights)  # the model was built with the eager experts
+        out = hf.hf_experts_forward(experts, hidden, idx, weights)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_fp8_experts_say_what_is_unsupported():
     """transformers' FP8 experts look the name up in a registry of their own: there it
     raises NotImplementedError naming the quantisation, not 'not a valid implementation'."""
