@@ -10,6 +10,7 @@ skipped under tracing (``torch.compile``, ``jax.jit``), where values are not kno
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import threading
 from dataclasses import dataclass
@@ -118,10 +119,12 @@ def _check_tokens_times_topk(x: ArgInfo, gather: ArgInfo | None, topk, m: int,
     if permute_x and gather is not None and x.shape[0] * topk != m:
         _fail(f"with permute_x, X has T={x.shape[0]} tokens (shape {x.shape}) and topk={topk}, "
               f"so there are T*topk={x.shape[0] * topk} routed rows, but gather_indices has "
-              f"M={m} entries")
+              f"M={m} entries (it must hold every routed row, as route() gives: a rank's "
+              f"dropped slots sorted last, not left out)")
 
 
-def _check_devices(**args: ArgInfo | None):
+def check_devices(**args: ArgInfo | None):
+    """All the given arguments (None: absent) on one device."""
     devices = {name: a.device for name, a in args.items() if a is not None}
     if len(set(devices.values())) > 1:
         _fail(f"all arguments must be on one device, got {devices}")
@@ -164,7 +167,7 @@ def check_forward(x: ArgInfo, w: ArgInfo, m_sizes: ArgInfo, gather: ArgInfo | No
                   f"{topk_weights.shape}) but there are {routed} routed rows")
         if topk_weights.dtype not in FLOAT_DTYPES:
             _fail(f"topk_weights must be a float dtype, got {topk_weights.dtype}")
-    _check_devices(X=x, W=w, m_sizes=m_sizes, gather_indices=gather,
+    check_devices(X=x, W=w, m_sizes=m_sizes, gather_indices=gather,
                    topk_weights=topk_weights if fuse_mul_post else None)
     return Dims(e, n, k, m, tokens, routed)
 
@@ -183,7 +186,7 @@ def check_dX(dy: ArgInfo, w: ArgInfo, m_sizes: ArgInfo, gather: ArgInfo | None, 
     m = dy.shape[0]
     _check_routing(m_sizes, gather, topk, e, m, permute_x or permute_y,
                    _why(permute_x, permute_y, False))
-    _check_devices(dY=dy, W=w, m_sizes=m_sizes, gather_indices=gather)
+    check_devices(dY=dy, W=w, m_sizes=m_sizes, gather_indices=gather)
     tokens = m // topk if permute_x else m
     if permute_x and m % topk:
         _fail(f"with permute_x, M={m} routed rows must be a multiple of topk={topk}")
@@ -204,18 +207,18 @@ def check_dW(x: ArgInfo, dy: ArgInfo, m_sizes: ArgInfo, gather: ArgInfo | None, 
     _check_routing(m_sizes, gather, topk, m_sizes.shape[0] if m_sizes.ndim == 1 else -1, m,
                    permute_x or permute_y, _why(permute_x, permute_y, False))
     _check_tokens_times_topk(x, gather, topk, m, permute_x)
-    _check_devices(X=x, dY=dy, m_sizes=m_sizes, gather_indices=gather)
+    check_devices(X=x, dY=dy, m_sizes=m_sizes, gather_indices=gather)
     tokens = x.shape[0] if permute_x else m
     routed = tokens * topk if permute_x else m
     return Dims(m_sizes.shape[0], dy.shape[1], x.shape[1], m, tokens, routed)
 
 
 def check_values(dims: Dims, m_sizes_sum: int, m_sizes_min: int, gather_min: int | None,
-                 gather_max: int | None, gather_max_count: int | None = None) -> None:
+                 gather_max: int | None, gather_distinct: int | None = None) -> None:
     """The value checks, from numbers the backend read off the device in one transfer:
-    sum and minimum of m_sizes; minimum, maximum and the largest number of times one value
-    occurs (``gather_max_count``; from indices clamped into range) of gather_indices. An
-    empty m_sizes has sum 0 and minimum 0."""
+    sum and minimum of m_sizes; minimum, maximum and the number of distinct values (of the
+    indices clamped into range) of gather_indices. An empty m_sizes has sum 0 and minimum
+    0."""
     if m_sizes_min < 0:
         _fail(f"m_sizes must be non-negative, got a minimum of {m_sizes_min}")
     if m_sizes_sum != dims.m:
@@ -224,18 +227,23 @@ def check_values(dims: Dims, m_sizes_sum: int, m_sizes_min: int, gather_min: int
         if gather_min < 0 or gather_max >= dims.routed_rows:
             _fail(f"gather_indices must lie in [0, {dims.routed_rows}), got range "
                   f"[{gather_min}, {gather_max}]")
-        # a repeated index makes a scatter (permute_y, dX with permute_x) leave a row
-        # unwritten and a gather read one routed row twice
-        if gather_max_count is not None and gather_max_count > 1:
+        # M indices in [0, M) are a permutation when M of them are distinct; a repeated
+        # index makes a scatter (permute_y, dX with permute_x) leave a row unwritten
+        if gather_distinct is not None and gather_distinct != dims.m:
             _fail(f"gather_indices must be a permutation of [0, {dims.routed_rows}) (route() "
-                  f"builds one), but one index occurs {gather_max_count} times")
+                  f"builds one), but only {gather_distinct} of its {dims.m} entries are "
+                  f"distinct")
 
 
 def check_layer_sizes(**sizes) -> None:
     """The sizes of a new expert layer (num_experts, hidden_size, intermediate_size): each a
-    positive int."""
+    positive integer (numpy and 0-d tensor integers too)."""
     for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        try:
+            size = operator.index(value)
+        except TypeError:
+            size = None
+        if size is None or isinstance(value, bool) or size < 1:
             _fail(f"{name} must be a positive int, got {value!r}")
 
 

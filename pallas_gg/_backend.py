@@ -67,10 +67,10 @@ def pick_lowering(backend: str, *, op: str, dtype, n: int, k: int, fused: bool,
     output columns a multiple of 128 and the reduction of 64: with 64-wide output tiles
     (gpt-oss's K = 2880 in dX) it measured 0.73x; no config or tuner given: those are the
     Triton lowering's) and the Triton lowering everywhere else, the interpreter included."""
-    if backend != "auto":
-        return resolve_backend(backend, mosaic_ready=True)
     if n == 0 or k == 0:  # nothing to compute: the Triton lowering returns zeros unlaunched
         return "triton"
+    if backend != "auto":
+        return resolve_backend(backend, mosaic_ready=True)
     if op == "dW":  # output tiles over N and K (64 or 128 wide), reduction over rows
         tiles_fit = n % 64 == 0 and k % 64 == 0
     else:           # output columns N (forward) or K (dX), reduction over the other

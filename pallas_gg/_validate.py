@@ -2,8 +2,8 @@
 
 The shape, dtype and device checks live in ``gg_spec.checks`` (shared with triton_gg); this
 module only describes JAX arrays as ``ArgInfo`` and reads the five numbers the value checks
-need (sum and min of m_sizes; min, max and largest repeat count of gather_indices) in one
-device-to-host transfer.
+need (sum and min of m_sizes; min, max and number of distinct values of gather_indices) in
+one device-to-host transfer.
 Value checks run only on concrete arrays (not under jax.jit / grad tracing) and only while
 ``gg_spec.value_checks_enabled()``.
 """
@@ -66,15 +66,15 @@ def _routing_stats(m_sizes, gather, routed_rows):
     m_sizes = m_sizes.astype(jnp.int64 if m_sizes.dtype == jnp.int64 else jnp.int32)
     stats = [jnp.sum(m_sizes), jnp.min(m_sizes)]
     if gather is not None and gather.size and routed_rows:
-        counts = jnp.bincount(jnp.clip(gather, 0, routed_rows - 1), length=routed_rows)
+        seen = jnp.zeros(routed_rows, bool).at[jnp.clip(gather, 0, routed_rows - 1)].set(True)
         stats += [jnp.min(gather).astype(stats[0].dtype), jnp.max(gather).astype(stats[0].dtype),
-                  jnp.max(counts).astype(stats[0].dtype)]
+                  jnp.sum(seen).astype(stats[0].dtype)]
     return jnp.stack(stats)
 
 
 def routing_stats(m_sizes, gather, routed_rows: int):
-    """(sum, min of m_sizes, then min, max and the largest repeat count of gather, or None)
-    in one device-to-host read."""
+    """(sum, min of m_sizes, then min, max and the number of distinct values of gather, or
+    None) in one device-to-host read."""
     # Concrete routing arrays closed over by a jax.jit function are checked too: compute the
     # statistics eagerly rather than staging them into the caller's program.
     with jax.ensure_compile_time_eval():

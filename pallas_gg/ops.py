@@ -74,10 +74,12 @@ def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False
     X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
         X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
         permute_y=permute_y, fuse_mul_post=fuse_mul_post)
-    check_routing_values(dims, m_sizes, gather_indices)  # before a tuner could time them
+    fused = permute_x or permute_y or fuse_mul_post
+    # before a tuner could time them; the gather indices only where a fusion reads them
+    check_routing_values(dims, m_sizes, gather_indices if fused else None)
     interpret = use_interpreter(X, W)
     lowering = _lowering(backend, "forward", dims, dtype=X.dtype, config=config,
-                         fused=permute_x or permute_y or fuse_mul_post, interpret=interpret)
+                         fused=fused, interpret=interpret)
     config = config_for("forward", config, mosaic=lowering is mosaic_lowering,
                         permute_x=permute_x, permute_y=permute_y, fuse_mul_post=fuse_mul_post)
     return lowering.forward(
@@ -101,7 +103,7 @@ def grouped_gemm_dX(dY, W, m_sizes, gather_indices, topk, *, permute_x=False, pe
     info = arg_infos(dY=dY, W=W, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dX(info["dY"], info["W"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
-    check_routing_values(dims, m_sizes, gather_indices)
+    check_routing_values(dims, m_sizes, gather_indices if permute_x or permute_y else None)
     interpret = use_interpreter(dY, W)
     lowering = _lowering(backend, "dX", dims, dtype=dY.dtype, config=config,
                          fused=permute_x or permute_y, interpret=interpret)
@@ -125,7 +127,7 @@ def grouped_gemm_dW(X, dY, m_sizes, gather_indices, topk, *, permute_x=False, pe
     info = arg_infos(X=X, dY=dY, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dW(info["X"], info["dY"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
-    check_routing_values(dims, m_sizes, gather_indices)
+    check_routing_values(dims, m_sizes, gather_indices if permute_x or permute_y else None)
     interpret = use_interpreter(X, dY)
     lowering = _lowering(backend, "dW", dims, dtype=X.dtype, config=config,
                          fused=permute_x or permute_y, interpret=interpret)

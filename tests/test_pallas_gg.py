@@ -496,10 +496,14 @@ def test_routing_errors_found_before_any_launch(second_gemm):
                                              rf"gather_indices has M={m}"):
             call()
     twice = p.gather.at[1].set(p.gather[0])
-    with pytest.raises(ValueError, match=rf"permutation of \[0, {m}\).*occurs 2 times"):
+    with pytest.raises(ValueError, match=rf"permutation of \[0, {m}\).*only {m - 1} of its {m} entries"):
         pallas_gg.grouped_gemm_forward(p.x, p.w, p.m_sizes, twice, 2, permute_y=True)
     with pytest.raises(ValueError, match="permutation"):
         pallas_gg.grouped_gemm(p.x, p.w, p.m_sizes, twice, 2, permute_y=True)
+    # without a fusion the gather indices are not read, so not checked (as in triton_gg)
+    unused = jnp.zeros_like(p.gather)
+    pallas_gg.grouped_gemm_forward(p.x, p.w, p.m_sizes, unused, 2)
+    pallas_gg.grouped_gemm_dW(p.x, p.dy, p.m_sizes, unused, 2)
     with pytest.raises(ValueError, match=rf"sum\(m_sizes\)=0 must equal the M={m}"):
         pallas_gg.grouped_gemm_dW(p.x, p.dy, p.m_sizes[:0], None, 2)
     with pytest.raises(ValueError, match=r"sum\(m_sizes\)=0"):

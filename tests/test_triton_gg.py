@@ -449,10 +449,14 @@ def test_routing_errors_found_before_any_launch():
     # a repeated index: the scatter would leave a row unwritten
     twice = inp.gather.clone()
     twice[1] = twice[0]
-    with pytest.raises(ValueError, match=r"permutation of \[0, 16\).*occurs 2 times"):
+    with pytest.raises(ValueError, match=r"permutation of \[0, 16\).*only 15 of its 16 entries are distinct"):
         triton_gg.grouped_gemm_forward(inp.x, inp.w, inp.m_sizes, twice, topk, permute_y=True)
     with pytest.raises(ValueError, match=r"permutation"):
         triton_gg.grouped_gemm_dX(inp.dy, inp.w, inp.m_sizes, twice, topk, permute_x=True)
+    # without a fusion the gather indices are not read, so not checked
+    unused = torch.zeros_like(inp.gather)
+    triton_gg.grouped_gemm_forward(inp.x, inp.w, inp.m_sizes, unused, topk)
+    triton_gg.grouped_gemm_dW(inp.x, inp.dy, inp.m_sizes, unused, topk)
     # no experts but routed rows
     no_w, no_sizes = inp.w[:0], inp.m_sizes[:0]
     with pytest.raises(ValueError, match=r"sum\(m_sizes\)=0 must equal the M=16"):

@@ -71,6 +71,7 @@ def test_module_and_validation():
         triton_gg.moe_experts(hidden.numpy(), *args[1:], weights)
     with pytest.raises(ValueError, match=r"hidden_size must be a positive int, got -1"):
         triton_gg.MoEExperts(4, -1, 8)
+    assert triton_gg.MoEExperts(torch.tensor(2), 8, 4).gate_up_proj.shape == (2, 8, 8)
 
 
 def test_biases_and_foreign_ids_match_eager():

@@ -35,8 +35,11 @@ def check_values(dims, m_sizes: torch.Tensor, gather: torch.Tensor | None) -> No
     has_gather = gather is not None and gather.numel() > 0 and dims.routed_rows > 0
     if has_gather:
         g = gather.to(torch.int64)
-        counts = torch.bincount(g.clamp(0, dims.routed_rows - 1), minlength=dims.routed_rows)
-        stats += [g.min(), g.max(), counts.max()]
+        # which rows some index names (a scatter, no host sync: bincount would read min and
+        # max back to size its output)
+        seen = torch.zeros(dims.routed_rows, dtype=torch.bool, device=g.device)
+        seen[g.clamp(0, dims.routed_rows - 1)] = True
+        stats += [g.min(), g.max(), seen.sum()]
     values = torch.stack([s.to(torch.int64) for s in stats]).tolist()
     checks.check_values(dims, *values[:2], *(values[2:] if has_gather else (None, None)))
 

@@ -48,12 +48,7 @@ def _check_block(hidden, w1, w2, top_k_index, top_k_weights, b1, b2, names):
     b1_name, b2_name = f"{w1_name} bias", f"{w2_name} bias"
     args = {"hidden": hidden, w1_name: w1, w2_name: w2, "top_k_index": top_k_index,
             "top_k_weights": top_k_weights, b1_name: b1, b2_name: b2}
-    for name, t in args.items():
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {name: str(t.device) for name, t in args.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        _fail(f"all arguments must be on one device, got {devices}")
+    checks.check_devices(**{name: v.describe(t, name) for name, t in args.items()})
     if not hidden.is_floating_point() or not top_k_weights.is_floating_point():
         _fail(f"hidden and top_k_weights must be floating point, got {hidden.dtype} and "
               f"{top_k_weights.dtype}")
