@@ -247,15 +247,20 @@ def test_gpt_oss_clamps_hit():
 
 
 def test_fp8_experts_say_what_is_unsupported():
-    """transformers' FP8 experts look the name up in a registry of their own: there it
-    raises NotImplementedError naming the quantisation, not 'not a valid implementation'."""
+    """transformers' FP8 experts look the name up in a registry of their own: through their
+    dispatch the call raises NotImplementedError naming the quantisation, not that the
+    name is not a valid experts implementation."""
     fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
     name = triton_gg.register_hf_experts()
-    refuse = fp8.FP8ExpertsInterface._global_mapping[name]
-    experts = _experts_module()
+    model = AutoModelForCausalLM.from_config(_configs()["qwen3_moe"](),
+                                             experts_implementation="eager")
+    model = fp8.replace_with_fp8_linear(model, modules_to_not_convert=["lm_head"],
+                                        quantization_config=transformers.FineGrainedFP8Config())
+    model.set_experts_implementation(name)
+    experts = next(m for m in model.modules() if hasattr(m, "has_gate")).to_empty(device="cpu")
+    assert type(experts).__name__ == "FP8Experts"
     with pytest.raises(NotImplementedError, match="FP8-quantised"):
-        refuse(experts, torch.randn(2, experts.hidden_dim), torch.zeros(2, 2, dtype=torch.long),
-               torch.ones(2, 2))
+        experts(torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
 
 
 @pytest.mark.gpu
