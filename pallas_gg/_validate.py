@@ -91,9 +91,10 @@ def read_scalars(*values) -> list:
         return np.asarray(jnp.stack([jnp.asarray(v) for v in values])).tolist()
 
 
-def check_routing_values(dims: Dims, m_sizes, gather) -> None:
-    """sum(m_sizes) == M, m_sizes >= 0 and gather a permutation of the routed rows, when
-    values are known."""
+def check_routing_values(dims: Dims, m_sizes, gather, *, fused: bool) -> None:
+    """sum(m_sizes) == M, m_sizes >= 0 and, where a fusion reads them (``fused``), the gather
+    indices a permutation of the routed rows; when values are known."""
+    gather = gather if fused else None
     if not checks.value_checks_enabled() or is_traced(m_sizes, gather):
         return
     if m_sizes.shape[0] == 0:  # no experts: nothing to read, and M must be 0

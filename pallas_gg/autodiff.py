@@ -141,9 +141,9 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
     X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
         X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
         permute_y=permute_y, fuse_mul_post=fuse_mul_post)
-    # before any tuning runs on them; the gather indices only where a fusion reads them
-    check_routing_values(dims, m_sizes, gather_indices
-                         if permute_x or permute_y or fuse_mul_post else None)
+    # before any tuning runs on them
+    check_routing_values(dims, m_sizes, gather_indices,
+                         fused=permute_x or permute_y or fuse_mul_post)
     interpret = use_interpreter(X, W)
     fusions = dict(permute_x=permute_x, permute_y=permute_y)
     configs = {"forward": forward_config, "dX": dx_config, "dW": dw_config}

@@ -75,8 +75,8 @@ def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False
         X, W, m_sizes, gather_indices, topk_weights, topk, permute_x=permute_x,
         permute_y=permute_y, fuse_mul_post=fuse_mul_post)
     fused = permute_x or permute_y or fuse_mul_post
-    # before a tuner could time them; the gather indices only where a fusion reads them
-    check_routing_values(dims, m_sizes, gather_indices if fused else None)
+    # before a tuner could time them
+    check_routing_values(dims, m_sizes, gather_indices, fused=fused)
     interpret = use_interpreter(X, W)
     lowering = _lowering(backend, "forward", dims, dtype=X.dtype, config=config,
                          fused=fused, interpret=interpret)
@@ -103,7 +103,7 @@ def grouped_gemm_dX(dY, W, m_sizes, gather_indices, topk, *, permute_x=False, pe
     info = arg_infos(dY=dY, W=W, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dX(info["dY"], info["W"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
-    check_routing_values(dims, m_sizes, gather_indices if permute_x or permute_y else None)
+    check_routing_values(dims, m_sizes, gather_indices, fused=permute_x or permute_y)
     interpret = use_interpreter(dY, W)
     lowering = _lowering(backend, "dX", dims, dtype=dY.dtype, config=config,
                          fused=permute_x or permute_y, interpret=interpret)
@@ -127,7 +127,7 @@ def grouped_gemm_dW(X, dY, m_sizes, gather_indices, topk, *, permute_x=False, pe
     info = arg_infos(X=X, dY=dY, m_sizes=m_sizes, gather_indices=gather_indices)
     dims = checks.check_dW(info["X"], info["dY"], info["m_sizes"], info["gather_indices"],
                            topk, permute_x=permute_x, permute_y=permute_y)
-    check_routing_values(dims, m_sizes, gather_indices if permute_x or permute_y else None)
+    check_routing_values(dims, m_sizes, gather_indices, fused=permute_x or permute_y)
     interpret = use_interpreter(X, dY)
     lowering = _lowering(backend, "dW", dims, dtype=X.dtype, config=config,
                          fused=permute_x or permute_y, interpret=interpret)

@@ -224,8 +224,8 @@ def tune(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permute_y=Fals
     dims = checks.check_forward(info["X"], info["W"], info["m_sizes"], info["gather_indices"],
                                 topk, permute_x=permute_x, permute_y=permute_y,
                                 topk_weights=info["topk_weights"], fuse_mul_post=fuse_mul_post)
-    check_routing_values(dims, m_sizes,  # the candidates would run on them
-                         gather_indices if permute_x or permute_y or fuse_mul_post else None)
+    check_routing_values(dims, m_sizes, gather_indices,  # the candidates would run on them
+                         fused=permute_x or permute_y or fuse_mul_post)
     unknown = set(ops) - set(OPS)
     if unknown:
         raise ValueError(f"ops must be among {OPS}, got {sorted(unknown)}")
