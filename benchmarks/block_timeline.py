@@ -62,7 +62,6 @@ def main(argv=None) -> int:
 
     import gg_spec
     import triton_gg
-    gg_spec.set_value_checks(False)
     hidden, gate_up, down, idx, weights, _ = block_inputs(args.tokens)
 
     def forward():

@@ -73,7 +73,6 @@ def main(argv=None) -> int:
 
     import gg_spec
     import triton_gg
-    gg_spec.set_value_checks(False)
     t = args.tokens
     hidden, gate_up, down, idx, weights, dout = block_inputs(t)
     params = (hidden, gate_up, down, weights)

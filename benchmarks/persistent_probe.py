@@ -82,7 +82,6 @@ def run_shape(name: str, tokens: int, rows: list):
     import triton_gg
     import gg_spec
     from triton_gg.kernels.forward import launch_forward
-    gg_spec.set_value_checks(False)  # no host read between timed calls
 
     problem = make_problem(name, tokens)
     inp = TorchInputs(problem)
@@ -135,7 +134,6 @@ def run_dw(name: str, tokens: int, rows: list):
     import gg_spec
     import triton_gg
     from triton_gg.kernels.dw import launch_dw
-    gg_spec.set_value_checks(False)
     problem = make_problem(name, tokens)
     inp = TorchInputs(problem)
     s = problem.shape
@@ -166,7 +164,6 @@ def run_dx(name: str, tokens: int, rows: list):
     import gg_spec
     import triton_gg
     from triton_gg.kernels.dx import launch_dx
-    gg_spec.set_value_checks(False)
     problem = make_problem(name, tokens)
     inp = TorchInputs(problem)
     s = problem.shape
@@ -204,7 +201,6 @@ def run_swiglu(name: str, tokens: int, rows: list):
     import triton_gg
     from triton_gg.kernels.forward import launch_forward
     from triton_gg.kernels.silu_mul import launch_silu_mul
-    gg_spec.set_value_checks(False)
     problem = make_problem(name, tokens)
     inp = TorchInputs(problem)
     s = problem.shape

@@ -37,7 +37,6 @@ def main(argv=None):
     parser.add_argument("--shapes", default="llama4_w1,qwen3_w1")
     parser.add_argument("--op", default="forward", choices=["forward", "dW"])
     args = parser.parse_args(argv)
-    gg_spec.set_value_checks(False)
     for name in args.shapes.split(","):
         prob = make_problem(name, 8192)
         inp = TorchInputs(prob)

@@ -1,4 +1,5 @@
-"""The PyTorch implementations: dense ceiling, torch._grouped_mm, triton_gg (tuned)."""
+"""The PyTorch implementations: dense ceiling, torch._grouped_mm, triton_gg with the library's
+defaults (and, labelled, with autotune=True)."""
 
 from __future__ import annotations
 
@@ -48,24 +49,40 @@ def torch_grouped_mm(inp: TorchInputs) -> Iterator[Bench]:
 
 
 def triton_gg_impls(inp: TorchInputs, first_gemm: bool) -> Iterator[Bench]:
+    """triton_gg as a user calls it: the library's defaults (no autotune flag, no
+    set_value_checks call; the shipped tuned configs where the card and shape have them)."""
     import triton_gg
     routing = (inp.m_sizes, inp.gather, inp.topk)
-    yield "triton_gg", "fwd", lambda: triton_gg.grouped_gemm_forward(
-        inp.x, inp.w, *routing, autotune=True)
+    yield "triton_gg", "fwd", lambda: triton_gg.grouped_gemm_forward(inp.x, inp.w, *routing)
     if first_gemm:
         yield "triton_gg_permute_x", "fwd", lambda: triton_gg.grouped_gemm_forward(
-            inp.x_tokens, inp.w, *routing, permute_x=True, autotune=True)
+            inp.x_tokens, inp.w, *routing, permute_x=True)
     else:
         yield "triton_gg_permute_y", "fwd", lambda: triton_gg.grouped_gemm_forward(
-            inp.x, inp.w, *routing, permute_y=True, autotune=True)
-    yield "triton_gg", "dX", lambda: triton_gg.grouped_gemm_dX(inp.dy, inp.w, *routing,
-                                                               autotune=True)
-    yield "triton_gg", "dW", lambda: triton_gg.grouped_gemm_dW(inp.x, inp.dy, *routing,
-                                                               autotune=True)
+            inp.x, inp.w, *routing, permute_y=True)
+    yield "triton_gg", "dX", lambda: triton_gg.grouped_gemm_dX(inp.dy, inp.w, *routing)
+    yield "triton_gg", "dW", lambda: triton_gg.grouped_gemm_dW(inp.x, inp.dy, *routing)
     x = inp.x.detach().requires_grad_(True)
     w = inp.w.detach().requires_grad_(True)
     yield "triton_gg", "bwd", _backward_call(
-        lambda: triton_gg.grouped_gemm(x, w, *routing, autotune=True), (x, w), inp.dy)
+        lambda: triton_gg.grouped_gemm(x, w, *routing), (x, w), inp.dy)
+    # the drop-in, with torch._grouped_mm's own arguments (b an [E, K, N] view of W)
+    w_t = inp.w.transpose(1, 2)
+    yield "triton_gg_grouped_mm", "fwd", lambda: triton_gg.grouped_mm(inp.x, w_t, inp.offs)
+    yield "triton_gg_grouped_mm", "bwd", _backward_call(
+        lambda: triton_gg.grouped_mm(x, w.transpose(1, 2), inp.offs), (x, w), inp.dy)
+
+
+def triton_gg_autotuned(inp: TorchInputs) -> Iterator[Bench]:
+    """Non-default: ``autotune=True`` (labelled so in the rows)."""
+    import triton_gg
+    routing = (inp.m_sizes, inp.gather, inp.topk)
+    yield "triton_gg_autotune", "fwd", lambda: triton_gg.grouped_gemm_forward(
+        inp.x, inp.w, *routing, autotune=True)
+    yield "triton_gg_autotune", "dX", lambda: triton_gg.grouped_gemm_dX(
+        inp.dy, inp.w, *routing, autotune=True)
+    yield "triton_gg_autotune", "dW", lambda: triton_gg.grouped_gemm_dW(
+        inp.x, inp.dy, *routing, autotune=True)
 
 
 def all_torch(problem: Problem, inp: TorchInputs, impls: set[str]) -> Iterator[Bench]:
@@ -73,7 +90,10 @@ def all_torch(problem: Problem, inp: TorchInputs, impls: set[str]) -> Iterator[B
         yield from dense(inp)
     if "torch_grouped_mm" in impls:
         yield from torch_grouped_mm(inp)
-    if impls & {"triton_gg", "triton_gg_permute_x", "triton_gg_permute_y"}:
+    if impls & {"triton_gg", "triton_gg_permute_x", "triton_gg_permute_y",
+                 "triton_gg_grouped_mm"}:
         for bench in triton_gg_impls(inp, problem.shape.is_first_gemm):
             if bench[0] in impls or bench[0].startswith("triton_gg") and "triton_gg" in impls:
                 yield bench
+    if "triton_gg_autotune" in impls:
+        yield from triton_gg_autotuned(inp)

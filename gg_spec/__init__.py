@@ -6,7 +6,7 @@ from here so that a rule lives in one place.
 """
 
 from gg_spec import checks, reference
-from gg_spec.checks import ArgInfo, Dims, set_value_checks, value_checks_enabled
+from gg_spec.checks import ArgInfo, Dims, set_value_checks, value_checks, value_checks_enabled
 from gg_spec.configs import (AnyConfig, DWConfig, DXConfig, ForwardConfig, config_from_dict,
                              config_to_dict, default_config, search_space, token_bucket,
                              tuning_key, valid_candidates, validate)
@@ -23,5 +23,5 @@ __all__ = [
     "default_config", "expert_of_position", "expert_offsets", "get_preset", "get_shape",
     "make_routing", "make_topk_ids", "max_abs_error", "reference", "rel_error", "route",
     "search_space", "set_value_checks", "token_bucket", "tolerance", "tuning_key",
-    "valid_candidates", "validate", "value_checks_enabled",
+    "valid_candidates", "validate", "value_checks", "value_checks_enabled",
 ]

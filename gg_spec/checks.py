@@ -2,8 +2,9 @@
 
 Each backend describes its arguments as ``ArgInfo`` (shape, dtype name, device name) and calls
 the check for its op before any launch. Shape, dtype and device problems are found without
-touching the data; the value checks (``sum(m_sizes)``, gather indices in range and each
-once) need five numbers that the backend reads off the device in one transfer, and are
+touching the data and always run. The value checks (``sum(m_sizes)``, gather indices in range
+and each once) need five numbers that the backend reads off the device in one transfer (a
+host sync), so they are opt-in (``set_value_checks(True)``, ``GG_VALUE_CHECKS=1``) and are
 skipped under tracing (``torch.compile``, ``jax.jit``), where values are not known.
 """
 
@@ -43,15 +44,40 @@ class Dims:
     routed_rows: int
 
 
-_value_checks_enabled = os.environ.get("GG_VALUE_CHECKS", "1") != "0"
+def _env_flag(value: str | None) -> bool:
+    return (value or "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# Off by default: a value check reads the device from the host, which drains the launch
+# queue (4-53% of a forward on an H200) and cannot be captured in a CUDA graph. The kernels
+# are memory-safe for any routing values without it (wrong numbers, never an access outside
+# the tensors); the checks are a debugging aid that names the bad value.
+_value_checks_enabled = _env_flag(os.environ.get("GG_VALUE_CHECKS"))
 
 
 def set_value_checks(enabled: bool) -> bool:
-    """Turn the eager value checks (one small device-to-host read per call) on or off;
-    returns the previous setting. Benchmarks turn them off; ``GG_VALUE_CHECKS=0`` too."""
+    """Turn the eager value checks on or off; returns the previous setting.
+
+    Off by default. On (``set_value_checks(True)`` or ``GG_VALUE_CHECKS=1``), every eager
+    call reads five numbers off the device (sum and minimum of ``m_sizes``; minimum, maximum
+    and distinct count of the gather indices where a fusion reads them) and raises a
+    ValueError naming a bad one. That read is a host sync per call: it costs a large part
+    of a GEMM's time, breaks CUDA graph capture and ``set_sync_debug_mode("error")``. Use
+    it to debug routing, not in a training loop. Skipped under ``torch.compile`` /
+    ``jax.jit`` tracing, where values are not known."""
     global _value_checks_enabled
     previous, _value_checks_enabled = _value_checks_enabled, bool(enabled)
     return previous
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool = True):
+    """``with value_checks(): ...`` runs the block with the value checks on (or off)."""
+    previous = set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
 
 
 _trusted = threading.local()

@@ -9,7 +9,9 @@ Public API:
 * ``ragged_dot``: a drop-in for ``jax.lax.ragged_dot``;
 * ``moe_experts``: the expert block (HF layout) as a pure function of a params pytree;
 * ``tune``: autotune and cache the configs of one problem;
-* ``ForwardConfig``, ``DXConfig``, ``DWConfig``: the kernel configs (from ``gg_spec``).
+* ``ForwardConfig``, ``DXConfig``, ``DWConfig``: the kernel configs (from ``gg_spec``);
+* ``set_value_checks`` / ``value_checks``: opt-in routing value checks (a host sync per
+  eager call; off by default, as in ``triton_gg``).
 
 Every function takes ``backend="auto" | "mosaic" | "triton"``. ``"auto"`` picks, per GEMM, the
 Mosaic GPU lowering where it measured faster on Hopper (none so far:
@@ -21,7 +23,7 @@ op, routing and the expert block in bf16/fp16, and raises NotImplementedError fo
 GPU's interpreter for the Mosaic kernels).
 """
 
-from gg_spec import DWConfig, DXConfig, ForwardConfig
+from gg_spec import DWConfig, DXConfig, ForwardConfig, set_value_checks, value_checks
 from pallas_gg.autodiff import grouped_gemm
 from pallas_gg.moe import moe_experts
 from pallas_gg.ops import grouped_gemm_dW, grouped_gemm_dX, grouped_gemm_forward
@@ -31,4 +33,4 @@ from pallas_gg.tuning import tune
 
 __all__ = ["DWConfig", "DXConfig", "ForwardConfig", "grouped_gemm", "grouped_gemm_dW",
            "grouped_gemm_dX", "grouped_gemm_forward", "moe_experts", "ragged_dot", "route",
-           "tune"]
+           "set_value_checks", "tune", "value_checks"]

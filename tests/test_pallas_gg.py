@@ -376,7 +376,14 @@ def test_ragged_dot_drop_in_values_and_grads(dtype, rng):
     np.testing.assert_array_equal(np.asarray(ours[0][-3:], np.float32), 0.0)
 
 
-def test_ragged_dot_preferred_element_type_and_errors(rng):
+@pytest.fixture
+def value_checks_on():
+    """The opt-in value checks (off by default: each is a host sync)."""
+    with gg_spec.value_checks(True):
+        yield
+
+
+def test_ragged_dot_preferred_element_type_and_errors(rng, value_checks_on):
     lhs, rhs, gs = _ragged_problem(rng, "bfloat16", [5, 6])
     out = pallas_gg.ragged_dot(lhs, rhs, gs, preferred_element_type=jnp.float32)
     assert out.dtype == jnp.float32
@@ -419,7 +426,7 @@ def test_route_matches_gg_spec(kind, rng):
     np.testing.assert_array_equal(np.asarray(jitted[1]), ref_g)
 
 
-def test_route_errors():
+def test_route_errors(value_checks_on):
     with pytest.raises(ValueError, match="2-D"):
         pallas_gg.route(jnp.zeros((4,), jnp.int32), 4)
     with pytest.raises(ValueError, match="num_experts"):
@@ -461,7 +468,7 @@ def test_wrong_rank_and_shapes(second_gemm):
         pallas_gg.grouped_gemm(p.x[:5], p.w, p.m_sizes, p.gather, 2, permute_x=True)
 
 
-def test_routing_values(second_gemm):
+def test_routing_values(second_gemm, value_checks_on):
     p = second_gemm
     bad_sizes = p.m_sizes.at[0].add(1)
     with pytest.raises(ValueError, match=r"sum\(m_sizes\)"):
@@ -481,7 +488,7 @@ def test_routing_values(second_gemm):
         gg_spec.set_value_checks(previous)
 
 
-def test_routing_errors_found_before_any_launch(second_gemm):
+def test_routing_errors_found_before_any_launch(second_gemm, value_checks_on):
     """As triton_gg: a topk that disagrees with len(gather_indices) under permute_x (direct
     ops too), a repeated gather index, no experts but routed rows; numpy routing closed
     over by a jitted function; and tune() refuses bad routing before timing anything."""

@@ -426,9 +426,16 @@ def test_dx_dw_validation():
         triton_gg.grouped_gemm_dW(inp.x, inp.dy, inp.m_sizes, None, 2, permute_y=True)
 
 
-def test_routing_errors_found_before_any_launch():
-    """Routing that the kernels would follow silently (wrong rows, unwritten rows, reads
-    out of bounds) is refused with a ValueError first."""
+@pytest.fixture
+def value_checks_on():
+    """The opt-in value checks (off by default: each is a host sync)."""
+    with gg_spec.value_checks(True):
+        yield
+
+
+def test_routing_errors_found_before_any_launch(value_checks_on):
+    """With the value checks on, routing that the kernels would follow silently (wrong
+    rows, unwritten rows) is refused with a ValueError first."""
     inp = _plain_inputs()
     m, k = inp.x.shape
     topk = inp.case.topk
@@ -485,15 +492,20 @@ def test_argument_type_errors_name_the_argument():
         triton_gg.grouped_mm(inp.x.half(), inp.w.transpose(1, 2), offs)
 
 
-def test_value_checks_can_be_turned_off():
+def test_value_checks_are_opt_in():
+    """Off by default (no device read per call); shape checks always run."""
+    assert not gg_spec.value_checks_enabled()
     inp = _plain_inputs()
-    previous = triton_gg.set_value_checks(False)
-    try:  # shape checks still run; the value check is skipped (no device read)
-        with pytest.raises(ValueError, match="X has K"):
-            triton_gg.grouped_gemm_forward(inp.x[:, :-1], inp.w, *inp.routing)
-        triton_gg.grouped_gemm_forward(inp.x, inp.w, inp.m_sizes, inp.gather, 2)
-    finally:
-        triton_gg.set_value_checks(previous)
+    bad_sizes = inp.m_sizes.clone()
+    bad_sizes[0] -= 1  # sum(m_sizes) one short of M: wrong numbers, no error, no sync
+    with pytest.raises(ValueError, match="X has K"):
+        triton_gg.grouped_gemm_forward(inp.x[:, :-1], inp.w, *inp.routing)
+    triton_gg.grouped_gemm_forward(inp.x, inp.w, bad_sizes, inp.gather, 2)
+    with triton_gg.value_checks():
+        assert gg_spec.value_checks_enabled()
+        with pytest.raises(ValueError, match=r"sum\(m_sizes\)"):
+            triton_gg.grouped_gemm_forward(inp.x, inp.w, bad_sizes, inp.gather, 2)
+    assert not gg_spec.value_checks_enabled()
 
 
 # -------------------------------------------------------------------- routing, grouped_mm
@@ -526,8 +538,9 @@ def test_grouped_mm_matches_torch_reference(rng):
     torch.testing.assert_close(da, ea, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(db, eb, rtol=1e-5, atol=1e-5)
     assert torch.all(db[1] == 0)
-    with pytest.raises(ValueError, match=r"sum\(m_sizes\)"):
+    with triton_gg.value_checks(), pytest.raises(ValueError, match=r"sum\(m_sizes\)"):
         triton_gg.grouped_mm(a, b, offs - 1)
+    triton_gg.grouped_mm(a, b, offs - 1)  # checks off (the default): wrong rows, no error
 
 
 # -------------------------------------------------------------------- gradcheck, compile

@@ -7,7 +7,7 @@ On a machine without a GPU, CPU tensors run through the Triton interpreter.
 """
 
 from triton_gg import _runtime  # noqa: F401  (must run before triton is imported)
-from gg_spec import DWConfig, DXConfig, ForwardConfig, set_value_checks
+from gg_spec import DWConfig, DXConfig, ForwardConfig, set_value_checks, value_checks
 from triton_gg.api import (grouped_gemm, grouped_gemm_dW, grouped_gemm_dX,
                            grouped_gemm_forward)
 from triton_gg.grouped_mm import grouped_mm
@@ -17,4 +17,4 @@ from triton_gg.routing import route
 
 __all__ = ["DWConfig", "DXConfig", "ForwardConfig", "MoEExperts", "grouped_gemm",
            "grouped_gemm_dW", "grouped_gemm_dX", "grouped_gemm_forward", "grouped_mm",
-           "moe_experts", "register_hf_experts", "route", "set_value_checks"]
+           "moe_experts", "register_hf_experts", "route", "set_value_checks", "value_checks"]

@@ -287,3 +287,34 @@ def _mm_backward(ctx, grad_out):
 
 
 grouped_mm_op.register_autograd(_mm_backward, setup_context=_mm_setup)
+
+
+class _EagerGroupedMM(torch.autograd.Function):
+    """grouped_mm_op's forward and backward for eager mode, without the custom-op
+    dispatcher (two nested custom-op calls per step otherwise)."""
+
+    @staticmethod
+    def forward(ctx, a, b, m_sizes, forward_config, dx_config, dw_config):
+        y, _ = forward_impl(a, b.transpose(1, 2), m_sizes, None, None, 1, False, False, False,
+                            False, forward_config)
+        _mm_setup(ctx, (a, b, m_sizes, forward_config, dx_config, dw_config), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, b, m_sizes = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        da = db = None
+        if ctx.needs_input_grad[0]:
+            da = dx_impl(grad_out, b.transpose(1, 2), m_sizes, None, 1, False, False,
+                         ctx.dx_config)
+        if ctx.needs_input_grad[1]:
+            db = dw_impl(a, grad_out, m_sizes, None, 1, False, False, ctx.dw_config, True)
+        return da, db, None, None, None, None
+
+
+def grouped_mm(*inputs) -> torch.Tensor:
+    """Differentiable a @ b[e] on row groups; inputs as grouped_mm_op's."""
+    if torch.compiler.is_compiling():
+        return grouped_mm_op(*inputs)
+    return _EagerGroupedMM.apply(*inputs)

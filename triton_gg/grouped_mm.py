@@ -52,4 +52,4 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *,
                ((forward_config, "forward"), (dx_config, "dX"), (dw_config, "dW"))]
     for cfg, op in zip(configs, ("forward", "dX", "dW")):
         _validate.check_config(op, cfg, permute_x=False, permute_y=False)
-    return _ops.grouped_mm_op(a, b, m_sizes, *[_ops.encode(c) for c in configs])
+    return _ops.grouped_mm(a, b, m_sizes, *[_ops.encode(c) for c in configs])
