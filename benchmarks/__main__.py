@@ -20,7 +20,8 @@ ALL_IMPLS = ["dense", "torch_grouped_mm", "triton_gg", "dense_xla", "lax_ragged_
              "tokamax", "pallas_gg"]
 # triton_gg and pallas_gg run with the library's defaults (what a user gets). Also accepted
 # by --impls (not in the default set), each labelled as not the default:
-# triton_gg_autotune (autotune=True), pallas_gg_tuned (configs from pallas_gg.tune),
+# triton_gg_autotune (autotune=True), triton_gg_value_checks (the opt-in value checks on),
+# pallas_gg_tuned (configs from pallas_gg.tune),
 # pallas_gg_mosaic (backend="mosaic")
 
 

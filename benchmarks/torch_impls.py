@@ -85,6 +85,25 @@ def triton_gg_autotuned(inp: TorchInputs) -> Iterator[Bench]:
         inp.x, inp.dy, *routing, autotune=True)
 
 
+def triton_gg_value_checks(inp: TorchInputs, first_gemm: bool) -> Iterator[Bench]:
+    """Non-default: the forward with the opt-in value checks on (a host read per call):
+    what the debugging aid costs."""
+    import triton_gg
+    routing = (inp.m_sizes, inp.gather, inp.topk)
+
+    def checked(fn):
+        def run():
+            with triton_gg.value_checks():
+                return fn()
+        return run
+    yield "triton_gg_value_checks", "fwd", checked(
+        lambda: triton_gg.grouped_gemm_forward(inp.x, inp.w, *routing))
+    if first_gemm:
+        yield "triton_gg_value_checks_permute_x", "fwd", checked(
+            lambda: triton_gg.grouped_gemm_forward(inp.x_tokens, inp.w, *routing,
+                                                   permute_x=True))
+
+
 def all_torch(problem: Problem, inp: TorchInputs, impls: set[str]) -> Iterator[Bench]:
     if "dense" in impls:
         yield from dense(inp)
@@ -97,3 +116,5 @@ def all_torch(problem: Problem, inp: TorchInputs, impls: set[str]) -> Iterator[B
                 yield bench
     if "triton_gg_autotune" in impls:
         yield from triton_gg_autotuned(inp)
+    if "triton_gg_value_checks" in impls:
+        yield from triton_gg_value_checks(inp, problem.shape.is_first_gemm)

@@ -151,11 +151,12 @@ def edge_cases(dtype: str = "float32") -> list[Case]:
     return out
 
 
-def gpu_cases(tokens_list=(128, 1024)) -> list[Case]:
-    """Real model shapes in bf16 for `-m gpu`: Qwen3-30B-A3B, Llama-4-Scout, gpt-oss-20b."""
+def gpu_cases(tokens_list=(128, 1024), dtypes=("bfloat16",)) -> list[Case]:
+    """Real model shapes for `-m gpu` (bf16 unless asked): Qwen3-30B-A3B, Llama-4-Scout,
+    gpt-oss-20b."""
     shapes = ["qwen3_30b_a3b_w1", "qwen3_30b_a3b_w2", "llama4_scout_w1", "llama4_scout_w2",
               "gptoss_20b_w1"]
-    return _matrix(shapes, tokens_list, ("bfloat16",), ["random"])
+    return _matrix(shapes, tokens_list, tuple(dtypes), ["random"])
 
 
 __all__ = ["Case", "Fusion", "FUSIONS", "FIRST_GEMM_FUSIONS", "SECOND_GEMM_FUSIONS",

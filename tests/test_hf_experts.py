@@ -298,6 +298,29 @@ def test_tiny_model_bf16_gpu(arch, spy):
             f"(both against fp32 eager)")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3",
+                                  "olmoe", "qwen2_moe"])
+def test_tiny_model_fp32_gpu(arch, spy):
+    """float32 on the GPU (every tiny HF model crashed there when the default tiles were
+    sized for 2-byte inputs): logits and every gradient against eager fp32."""
+    name, calls = spy
+    torch.manual_seed(0)
+    configs = _configs(scale=8)
+    if arch not in configs:
+        pytest.skip(f"{arch} not among this transformers' test configs")
+    model = AutoModelForCausalLM.from_config(configs[arch](), experts_implementation="eager")
+    model = model.to(device="cuda", dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (4, 64), device="cuda")
+    eager_logits, eager = _logits_and_grads(model, ids, "eager")
+    logits, ours = _logits_and_grads(model, ids, name)
+    assert len(calls) == _moe_layers(model) > 0
+    assert gg_spec.rel_error(logits.double().cpu(), eager_logits.double().cpu()) < 1e-4
+    for n, g in eager.items():
+        err = gg_spec.rel_error(ours[n].double().cpu(), g.double().cpu())
+        assert err < 1e-3, f"gradient of {n}: rel error {err:.2e} against eager fp32"
+
+
 @pytest.mark.parametrize("arch,fused", [("qwen3_moe", True), ("mixtral", True),
                                         ("gpt_oss", False), ("nemotron_h", False)])
 def test_default_silu_gate_takes_the_fused_path(arch, fused, spy, monkeypatch):

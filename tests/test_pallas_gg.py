@@ -869,7 +869,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(op, fusion, tmp_path, monkeypa
 
 # ---------------------------------------------------------------------------- GPU
 
-GPU_CASES = gpu_cases()
+GPU_CASES = gpu_cases() + gpu_cases((128,), dtypes=("float32", "float16"))
 # Mid-size real shapes (OLMoE) for the GPU tests that draw host inputs.
 MID_CASES = [Case(get_shape(name), 128, "bfloat16", "random", fusion)
              for name in ("olmoe_1b_7b_w1", "olmoe_1b_7b_w2")
@@ -879,8 +879,9 @@ MID_CASES = [Case(get_shape(name), 128, "bfloat16", "random", fusion)
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=_ids)
 def test_gpu_direct_and_autograd(case):
-    """Real model shapes in bf16 through the parity harness: inputs drawn on the GPU, the
-    float64 reference computed there (host numpy would take minutes at these sizes)."""
+    """Real model shapes in bf16 (and fp32, fp16 at 128 tokens) through the parity harness:
+    inputs drawn on the GPU, the float64 reference computed there (host numpy would take
+    minutes at these sizes)."""
     import parity
     parity.check(parity.Case.from_spec(case), "pallas_gg",
                  ops=("forward", "dX", "dW", "autograd"), device="cuda", reference="torch")

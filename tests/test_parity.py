@@ -613,11 +613,14 @@ def test_gpu_device_inputs_alias_into_jax_and_reference_matches_host():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("fusion", list(FUSIONS))
-def test_gpu_real_shape_every_backend(fusion):
+def test_gpu_real_shape_every_backend(fusion, dtype):
+    """triton_gg and pallas_gg agree with each other and the references on the GPU, in bf16
+    and in float32 (IEEE fp32 dots on both sides)."""
     second = "permute_y" in fusion or "mul" in fusion
     case = Case.from_preset("qwen3_30b_a3b", "second" if second else "first", 128,
-                            dtype="bfloat16", fusion=fusion)
+                            dtype=dtype, fusion=fusion)
     backends = ["torch", "triton_gg", "pallas_gg", "torch_grouped_mm", "lax_ragged_dot"]
     report = parity.assert_agrees(parity.run(case, backends, device="cuda"))
     assert report.device == "cuda" and report.agreements

@@ -125,6 +125,7 @@ def expected_direct(inp: Inputs, op: str):
 def check_autograd(inp: Inputs, mode: str):
     """grouped_gemm's output and every gradient against the reference."""
     case = inp.case
+    check = assert_rows_close if inp.x.is_cuda else assert_close  # per-row on real shapes
     x = inp.x.clone().requires_grad_(True)
     w = inp.w.clone().requires_grad_(True)
     tw = inp.topk_weights.clone().requires_grad_(case.fusion.fuse_mul_post)
@@ -133,11 +134,11 @@ def check_autograd(inp: Inputs, mode: str):
                "default": {}, "autotune": dict(autotune=True)}[mode]
     y = triton_gg.grouped_gemm(x, w, *inp.routing, **dict(inp.fwd_flags, topk_weights=tw),
                                **configs)
-    assert_close(y, expected_direct(inp, "forward"), case.dtype, "Y")
+    check(y, expected_direct(inp, "forward"), case.dtype, "Y")
     y.backward(inp.dy)
     dx, dw, dtw = tref.grouped_gemm_grads(inp.x, inp.w, *inp.routing, inp.dy, **inp.fwd_flags)
-    assert_close(x.grad, dx, case.dtype, "grad X")
-    assert_close(w.grad, dw, case.dtype, "grad W")
+    check(x.grad, dx, case.dtype, "grad X")
+    check(w.grad, dw, case.dtype, "grad W")
     if case.fusion.fuse_mul_post:
         assert_close(tw.grad, dtw, case.dtype, "grad topk_weights")
 
@@ -606,18 +607,40 @@ def test_autotune_picks_fastest_and_caches_on_disk(tmp_path, monkeypatch):
 
 # -------------------------------------------------------------------- GPU, real shapes
 
+def assert_rows_close(out: torch.Tensor, expected: torch.Tensor, dtype: str, what: str):
+    """assert_close, and every row within 4x the dtype's tolerance relative to its own norm
+    (floored at a tenth of the rows' RMS norm): the whole-tensor error of a real shape hides
+    a few wrong or unwritten rows (3 of 8192 rows of bf16 pass it)."""
+    assert_close(out, expected, dtype, what)
+    got = out.detach().double().reshape(-1, out.shape[-1])
+    ref = expected.double().reshape(-1, expected.shape[-1])
+    ref_norms = torch.linalg.vector_norm(ref, dim=1)
+    floor = 0.1 * float(torch.sqrt(torch.mean(ref_norms ** 2))) + 1e-30
+    row_err = torch.linalg.vector_norm(got - ref, dim=1) / ref_norms.clamp_min(floor)
+    worst = int(torch.argmax(row_err))
+    assert float(row_err[worst]) <= 4 * gg_spec.tolerance(dtype), (
+        f"{what}: row {worst} has rel error {float(row_err[worst]):.3e} ({dtype})")
+
+
+GPU_DTYPE_CASES = gpu_cases((128,), dtypes=("float32", "float16"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["forward", "dX", "dW"])
-@pytest.mark.parametrize("case", gpu_cases(), ids=lambda c: c.id)
-def test_gpu_direct(case, op):
+@pytest.mark.parametrize("case", gpu_cases() + GPU_DTYPE_CASES, ids=lambda c: c.id)
+def test_gpu_direct(case, op, monkeypatch):
+    """Default configs (shipped tuned ones where they exist) in every dtype the API
+    accepts, outputs poisoned with NaN, every row checked."""
     inp = Inputs(case, device="cuda")
+    poison_new_outputs(monkeypatch)
     out = run_direct(inp, op, "default")
-    assert_close(out, expected_direct(inp, op), case.dtype, op)
+    assert_rows_close(out, expected_direct(inp, op), case.dtype, op)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", gpu_cases(), ids=lambda c: c.id)
-def test_gpu_autograd(case):
+@pytest.mark.parametrize("case", gpu_cases() + GPU_DTYPE_CASES, ids=lambda c: c.id)
+def test_gpu_autograd(case, monkeypatch):
+    poison_new_outputs(monkeypatch)
     check_autograd(Inputs(case, device="cuda"), "default")
 
 
