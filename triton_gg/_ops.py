@@ -253,6 +253,10 @@ def grouped_gemm(*inputs) -> torch.Tensor:
 
 
 # grouped_mm: out = a @ b[e] on row groups, b [E, K, N]; our W is b viewed as [E, N, K].
+# Its weight gradient db[e] = a_e^T grad_e [K, N] is the dW kernel with the operands' roles
+# swapped (dW[e] = dY_e^T X_e with dY := a, X := grad): a contiguous [E, K, N] written in
+# row-major tiles (TMA store where the config asks). Writing a [E, N, K] dW through the
+# transposed view instead stores every tile column by column, N elements apart.
 
 @torch.library.custom_op("triton_gg::grouped_mm", mutates_args=())
 def grouped_mm_op(a: torch.Tensor, b: torch.Tensor, m_sizes: torch.Tensor,
@@ -282,7 +286,7 @@ def _mm_backward(ctx, grad_out):
         da = dx_op(grad_out, b.transpose(1, 2), m_sizes, None, 1, False, False,
                    ctx.dx_config)
     if ctx.needs_input_grad[1]:
-        db = dw_op(a, grad_out, m_sizes, None, 1, False, False, ctx.dw_config, True)
+        db = dw_op(grad_out, a, m_sizes, None, 1, False, False, ctx.dw_config, False)
     return da, db, None, None, None, None
 
 
@@ -309,7 +313,7 @@ class _EagerGroupedMM(torch.autograd.Function):
             da = dx_impl(grad_out, b.transpose(1, 2), m_sizes, None, 1, False, False,
                          ctx.dx_config)
         if ctx.needs_input_grad[1]:
-            db = dw_impl(a, grad_out, m_sizes, None, 1, False, False, ctx.dw_config, True)
+            db = dw_impl(grad_out, a, m_sizes, None, 1, False, False, ctx.dw_config, False)
         return da, db, None, None, None, None
 
 
