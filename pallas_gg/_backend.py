@@ -6,11 +6,19 @@ lowering elsewhere; ``"mosaic"`` (Mosaic GPU, for Hopper; ``pallas_gg.mosaic_low
 runs the direct forward, dX and dW, the differentiable op, routing and the expert block,
 and raises NotImplementedError for the rest (ragged_dot, tune).
 Without a GPU (or for arrays that live on the CPU) the kernels run with ``interpret=True``.
+
+JAX deprecates Pallas' Triton lowering in favour of Mosaic GPU. On a JAX without it
+(``triton_lowering_available()`` is False) ``"auto"`` runs every GEMM on Mosaic GPU (on
+Hopper, or in Mosaic GPU's interpreter without a GPU) and refuses, naming the reason, a call
+that Mosaic GPU cannot run (fp32, a non-Hopper GPU, N or K not a multiple of 64); an explicit
+``backend="triton"`` raises ``TritonLoweringUnavailable``. ``pallas_gg.triton_lowering`` is
+imported on first use only (``triton_lowering_module``), so ``import pallas_gg`` works there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import warnings
 
 import jax
@@ -33,6 +41,49 @@ def quiet_triton_deprecation():
         warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION,
                                 category=DeprecationWarning)
         yield
+
+
+class TritonLoweringUnavailable(RuntimeError):
+    """The call needs Pallas' Triton lowering, which this JAX does not have."""
+
+
+_triton_available: bool | None = None
+
+
+def triton_lowering_available() -> bool:
+    """Whether this JAX still has Pallas' Triton lowering: ``jax.experimental.pallas.triton``
+    imports with what ``pallas_gg.triton_lowering`` uses (``CompilerParams``, ``load``,
+    ``store``), and ``pallas_gg.triton_lowering`` itself imports. Probed once per process, on
+    the first call that picks a lowering (not at import)."""
+    global _triton_available
+    if _triton_available is None:
+        try:
+            mod = importlib.import_module("jax.experimental.pallas.triton")
+            ok = all(hasattr(mod, name) for name in ("CompilerParams", "load", "store"))
+            if ok:
+                with quiet_triton_deprecation():
+                    importlib.import_module("pallas_gg.triton_lowering")
+        except Exception:  # noqa: BLE001 - any failure to import means: not usable here
+            ok = False
+        _triton_available = ok
+    return _triton_available
+
+
+def _triton_missing_message(what: str) -> str:
+    return (f"{what} needs Pallas' Triton lowering (jax.experimental.pallas.triton), which "
+            f"this JAX ({jax.__version__}) does not have: JAX deprecated it in favour of "
+            f"Mosaic GPU")
+
+
+def triton_lowering_module():
+    """``pallas_gg.triton_lowering``, imported on first use; TritonLoweringUnavailable where
+    this JAX has no Triton lowering."""
+    if not triton_lowering_available():
+        raise TritonLoweringUnavailable(_triton_missing_message(
+            "backend='triton' (or a function that runs only on it)")
+            + "; use backend='mosaic' or 'auto' (Mosaic GPU: Hopper, bf16/fp16)")
+    with quiet_triton_deprecation():
+        return importlib.import_module("pallas_gg.triton_lowering")
 
 
 # The unfused ops in which the Mosaic GPU lowering measured faster than the Triton lowering
@@ -67,10 +118,14 @@ def pick_lowering(backend: str, *, op: str, dtype, n: int, k: int, fused: bool,
     output columns a multiple of 128 and the reduction of 64: with 64-wide output tiles
     (gpt-oss's K = 2880 in dX) it measured 0.73x; no config or tuner given: those are the
     Triton lowering's) and the Triton lowering everywhere else, the interpreter included."""
-    if n == 0 or k == 0:  # nothing to compute: the Triton lowering returns zeros unlaunched
-        return "triton"
+    if n == 0 or k == 0:  # nothing to compute: either lowering returns zeros unlaunched
+        resolve_backend(backend, mosaic_ready=True)  # the name, and "triton" where it is gone
+        return "triton" if triton_lowering_available() else "mosaic"
     if backend != "auto":
         return resolve_backend(backend, mosaic_ready=True)
+    if not triton_lowering_available():
+        return _mosaic_fallback(op, dtype=dtype, n=n, k=k, config_given=config_given,
+                                interpret=interpret)
     if op == "dW":  # output tiles over N and K (64 or 128 wide), reduction over rows
         tiles_fit = n % 64 == 0 and k % 64 == 0
     else:           # output columns N (forward) or K (dX), reduction over the other
@@ -81,12 +136,41 @@ def pick_lowering(backend: str, *, op: str, dtype, n: int, k: int, fused: bool,
     return "mosaic" if mosaic else "triton"
 
 
+def _mosaic_fallback(op: str, *, dtype, n: int, k: int, config_given: bool,
+                     interpret: bool) -> str:
+    """"auto" on a JAX without the Triton lowering: Mosaic GPU, the only lowering left, where
+    it can run the call; else TritonLoweringUnavailable naming what stands in the way. Any M
+    runs (the kernels pad rows to a multiple of 8); N and K must take the default tiles
+    (multiples of 64) unless a config is given (its own tiles are checked by the kernels)."""
+    reasons = []
+    if str(jnp.dtype(dtype)) not in _MOSAIC_DTYPES:
+        reasons.append(f"it runs bf16 and fp16 only, not {jnp.dtype(dtype).name}")
+    if not config_given and (n % 64 or k % 64):
+        reasons.append(f"its tiles need N and K in multiples of 64, got N={n}, K={k}")
+    if not interpret and not _on_hopper():
+        reasons.append(f"it compiles for Hopper (sm_90) only, not {jax.devices()[0]}")
+    if reasons:
+        raise TritonLoweringUnavailable(
+            _triton_missing_message(f"backend='auto' ({op})") + ", and Mosaic GPU cannot run "
+            f"this call: " + "; ".join(reasons))
+    return "mosaic"
+
+
 def resolve_backend(backend: str, *, mosaic_ready: bool = False) -> str:
     """The lowering that will run, for functions without a per-op choice: ``"auto"`` is the
-    Triton lowering there (see ``pick_lowering`` for the GEMMs). ``"mosaic"`` runs where its
-    kernels exist (``mosaic_ready``) and raises NotImplementedError elsewhere."""
+    Triton lowering there (see ``pick_lowering`` for the GEMMs), or Mosaic GPU on a JAX
+    without it (where ``mosaic_ready``; TritonLoweringUnavailable elsewhere). ``"mosaic"``
+    runs where its kernels exist (``mosaic_ready``) and raises NotImplementedError elsewhere;
+    ``"triton"`` raises TritonLoweringUnavailable on a JAX without that lowering."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "mosaic" and not triton_lowering_available():
+        if backend == "auto" and mosaic_ready:
+            return "mosaic"
+        raise TritonLoweringUnavailable(
+            _triton_missing_message(f"backend={backend!r}" + (
+                "" if mosaic_ready else " for this function (not on Mosaic GPU yet)"))
+            + ("; use backend='mosaic' or 'auto'" if mosaic_ready else ""))
     if backend == "mosaic":
         if not mosaic_ready:
             raise NotImplementedError(

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from gg_spec import DWConfig, DXConfig, ForwardConfig
-from pallas_gg import triton_lowering
-from pallas_gg._backend import pick_lowering, resolve_backend, use_interpreter
+from pallas_gg._backend import (pick_lowering, resolve_backend, triton_lowering_module,
+                                use_interpreter)
 from pallas_gg.mosaic_lowering import ops as mosaic_lowering
 from pallas_gg._validate import check_routing_values
 from pallas_gg.ops import check_forward_args, config_for
@@ -53,7 +53,9 @@ _OPS = ("forward", "dX", "dW")
 
 
 def _impl(s: _Static, op: str):
-    return mosaic_lowering if s.lowerings[_OPS.index(op)] == "mosaic" else triton_lowering
+    if s.lowerings[_OPS.index(op)] == "mosaic":
+        return mosaic_lowering
+    return triton_lowering_module()  # imported on first use: a JAX may not have it
 
 
 def _forward(s: _Static, x, w, m_sizes, gather, topk_weights):

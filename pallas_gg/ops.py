@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 import gg_spec
 from gg_spec import checks
-from pallas_gg import triton_lowering
-from pallas_gg._backend import pick_lowering, resolve_backend, use_interpreter
+from pallas_gg._backend import (pick_lowering, resolve_backend, triton_lowering_module,
+                                use_interpreter)
 from pallas_gg.mosaic_lowering import ops as mosaic_lowering
 
 
@@ -21,7 +21,7 @@ def _lowering(backend: str, op: str, dims, *, dtype, fused: bool, config, interp
     """The lowering module of one call (``pick_lowering``)."""
     name = pick_lowering(backend, op=op, dtype=dtype, n=dims.n, k=dims.k, fused=fused,
                          config_given=config is not None, interpret=interpret)
-    return mosaic_lowering if name == "mosaic" else triton_lowering
+    return mosaic_lowering if name == "mosaic" else triton_lowering_module()
 from pallas_gg._validate import arg_infos, as_array, check_routing_values
 
 

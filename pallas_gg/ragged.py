@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gg_spec import DWConfig, DXConfig, ForwardConfig, checks
-from pallas_gg import triton_lowering
-from pallas_gg._backend import resolve_backend, use_interpreter
+from pallas_gg._backend import resolve_backend, triton_lowering_module, use_interpreter
 from pallas_gg._validate import arg_infos, as_array, is_traced, read_scalars
 from pallas_gg.ops import resolve_config
 
@@ -37,7 +36,7 @@ class _Static:
 
 
 def _product(s: _Static, lhs, rhs, group_sizes):
-    return triton_lowering.dx(lhs, rhs, group_sizes, None, num_rows=lhs.shape[0],
+    return triton_lowering_module().dx(lhs, rhs, group_sizes, None, num_rows=lhs.shape[0],
                               permute_x=False, permute_y=False, config=s.config,
                               interpret=s.interpret, out_dtype=s.out_dtype)
 
@@ -54,10 +53,10 @@ def _ragged_dot_fwd(s, lhs, rhs, group_sizes):
 def _ragged_dot_bwd(s, residuals, d_out):
     lhs, rhs, group_sizes = residuals
     d_out = d_out.astype(lhs.dtype)
-    d_lhs = triton_lowering.forward(
+    d_lhs = triton_lowering_module().forward(
         d_out, rhs, group_sizes, None, None, topk=1, num_rows=lhs.shape[0], permute_x=False,
         permute_y=False, fuse_mul_post=False, config=s.grad_lhs_config, interpret=s.interpret)
-    d_rhs = triton_lowering.dw(d_out, lhs, group_sizes, None, topk=1, permute_x=False,
+    d_rhs = triton_lowering_module().dw(d_out, lhs, group_sizes, None, topk=1, permute_x=False,
                                permute_y=False, config=s.grad_rhs_config,
                                interpret=s.interpret, out_dtype=rhs.dtype)
     return d_lhs, d_rhs, None

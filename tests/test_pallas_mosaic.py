@@ -186,15 +186,19 @@ def test_grouped_dw_ragged_reduction(m_sizes, n, k):
 
 
 def test_default_config_and_triton_agreement():
-    """With no config Mosaic takes its own 128 x 128 x 64 tile; it agrees with the Triton
-    lowering on the same bf16 inputs."""
+    """With no config Mosaic takes its own 128 x 128 x 64 tile; it matches the float64
+    reference and agrees with the Triton lowering on the same bf16 inputs."""
     rng = np.random.default_rng(3)
     m_sizes = jnp.asarray([100, 0, 156], jnp.int32)
     x = jnp.asarray(rng.standard_normal((256, 128)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((3, 128, 128)) / 11.3, jnp.bfloat16)
-    y_m = pallas_gg.grouped_gemm_forward(x, w, m_sizes, None, 1, backend="mosaic")
+    y_m = np.asarray(pallas_gg.grouped_gemm_forward(x, w, m_sizes, None, 1, backend="mosaic"),
+                     np.float32)
     y_t = pallas_gg.grouped_gemm_forward(x, w, m_sizes, None, 1, backend="triton")
-    assert rel_error(np.asarray(y_m, np.float32), np.asarray(y_t, np.float32)) < 1e-2
+    ref = reference.forward(np.asarray(x, np.float32), np.asarray(w, np.float32),
+                            np.asarray(m_sizes), np.arange(256, dtype=np.int32), 1)
+    assert rel_error(y_m, ref) < tolerance("bfloat16")
+    assert rel_error(y_m, np.asarray(y_t, np.float32)) < 1e-2
 
 
 WS = MosaicConfig(block_m=64, block_n=128, block_k=32, max_concurrent_steps=2, num_sms=3)
@@ -276,7 +280,8 @@ def test_refusals():
 @pytest.mark.parametrize("fusion", ["permute_x", "permute_y+mul"])
 def test_differentiable_op_on_mosaic_matches_triton(fusion):
     """grouped_gemm(backend="mosaic") under jit and grad: value and gradients of X, W and
-    the routing weights agree with the Triton lowering on the same bf16 inputs."""
+    the routing weights match the float64 reference (``reference.grouped_gemm_grads``) and
+    agree with the Triton lowering on the same bf16 inputs."""
     rng = np.random.default_rng(7)
     t, k_, e, n, kk = 12, 2, 4, 32, 48
     ids = np.argsort(-rng.standard_normal((t, e)), axis=1)[:, :k_]
@@ -298,6 +303,18 @@ def test_differentiable_op_on_mosaic_matches_triton(fusion):
     assert abs(float(v_m) - float(v_t)) <= 2e-2 * abs(float(v_t))
     for a, b in zip(g_m, g_t):
         assert rel_error(np.asarray(a, np.float32), np.asarray(b, np.float32)) < 2e-2
+    # float64: loss = sum(Y^2), so dY = 2 Y
+    xr, wr, tr = (np.asarray(a, np.float32) for a in (x, w, weights))
+    sizes, g = np.asarray(m_sizes), np.asarray(gather)
+    y_ref = reference.forward(xr, wr, sizes, g, k_, topk_weights=tr, **flags)
+    assert abs(float(v_m) - np.sum(y_ref ** 2)) <= tolerance("bfloat16") * np.sum(y_ref ** 2)
+    refs = reference.grouped_gemm_grads(xr, wr, sizes, g, k_, 2 * y_ref, topk_weights=tr,
+                                        **flags)
+    for got, ref in zip(g_m, refs):
+        if ref is None:  # no fuse_mul_post: the routing weights are not read
+            assert np.all(np.asarray(got, np.float32) == 0)
+        else:
+            assert rel_error(np.asarray(got, np.float32), ref) < tolerance("bfloat16")
 
 
 def test_dw_keeps_a_neighbours_nan_out():
@@ -319,7 +336,8 @@ def test_dw_keeps_a_neighbours_nan_out():
 @pytest.mark.parametrize("shape", ["qwen3_w1", "qwen3_w2", "gptoss_w1"])
 def test_gpu_mosaic_matches_triton_lowering(shape):
     """On a Hopper GPU, default Mosaic tiles: forward, dX, dW and the differentiable op's
-    gradients against the Triton lowering, bf16, T=256, random routing."""
+    gradients against the float64 reference and the Triton lowering, bf16, T=256, random
+    routing."""
     from gg_spec import get_shape, make_routing
     s = get_shape(shape)
     rng = np.random.default_rng(0)
@@ -332,21 +350,64 @@ def test_gpu_mosaic_matches_triton_lowering(shape):
                     jnp.bfloat16)
     dy = jnp.asarray(rng.standard_normal((m, s.n)), jnp.bfloat16)
     tol = tolerance("bfloat16")
-    for backend_call in (
-            lambda b: pallas_gg.grouped_gemm_forward(x, w, m_sizes, gather, 1, backend=b),
-            lambda b: pallas_gg.grouped_gemm_dX(dy, w, m_sizes, gather, 1, backend=b),
-            lambda b: pallas_gg.grouped_gemm_dW(x, dy, m_sizes, gather, 1, backend=b)):
+    xr, wr, dyr = (np.asarray(a, np.float32) for a in (x, w, dy))
+    sizes, g = routing.m_sizes, np.arange(m, dtype=np.int32)
+    for backend_call, f64 in (
+            (lambda b: pallas_gg.grouped_gemm_forward(x, w, m_sizes, gather, 1, backend=b),
+             lambda: reference.forward(xr, wr, sizes, g, 1)),
+            (lambda b: pallas_gg.grouped_gemm_dX(dy, w, m_sizes, gather, 1, backend=b),
+             lambda: reference.dX(dyr, wr, sizes, g, 1)),
+            (lambda b: pallas_gg.grouped_gemm_dW(x, dy, m_sizes, gather, 1, backend=b),
+             lambda: reference.dW(xr, dyr, sizes, g, 1))):
         ours = np.asarray(backend_call("mosaic"), np.float32)
         ref = np.asarray(backend_call("triton"), np.float32)
         assert rel_error(ours, ref) < tol
+        assert rel_error(ours, f64()) < tol
 
     def loss(b, x, w):
         y = pallas_gg.grouped_gemm(x, w, m_sizes, gather, 1, backend=b)
         return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
     g_m = jax.grad(functools.partial(loss, "mosaic"), argnums=(0, 1))(x, w)
     g_t = jax.grad(functools.partial(loss, "triton"), argnums=(0, 1))(x, w)
-    for a, b in zip(g_m, g_t):
+    refs = reference.grouped_gemm_grads(xr, wr, sizes, g, 1, dyr)
+    for a, b, f64 in zip(g_m, g_t, refs):
         assert rel_error(np.asarray(a, np.float32), np.asarray(b, np.float32)) < tol
+        assert rel_error(np.asarray(a, np.float32), f64) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,topk", [(513, 2), (513, 3)])   # M = 1026, 1539
+def test_gpu_mosaic_rows_not_a_multiple_of_8(tokens, topk):
+    """On a Hopper GPU, compiled: M = 1026 and 1539 (JAX raised "dimension 0 must have size
+    smaller or a multiple of its tiling 8" before the kernels padded rows), default tiles,
+    forward (plain and permute_x), dX and dW against float64."""
+    from gg_spec import get_shape
+    s = get_shape("qwen3_w1")
+    rng = np.random.default_rng(1)
+    ids = np.argsort(-rng.standard_normal((tokens, s.num_experts)), axis=1)[:, :topk]
+    m_sizes, gather = pallas_gg.route(jnp.asarray(ids, jnp.int32), s.num_experts)
+    sizes, g = np.asarray(m_sizes), np.asarray(gather)
+    m = tokens * topk
+    x = jnp.asarray(rng.standard_normal((m, s.k)), jnp.bfloat16)
+    xt = jnp.asarray(rng.standard_normal((tokens, s.k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((s.num_experts, s.n, s.k)) / np.sqrt(s.k),
+                    jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((m, s.n)), jnp.bfloat16)
+    xr, xtr, wr, dyr = (np.asarray(a, np.float32) for a in (x, xt, w, dy))
+    tol = tolerance("bfloat16")
+    cases = [
+        (pallas_gg.grouped_gemm_forward(x, w, m_sizes, gather, topk, backend="mosaic"),
+         reference.forward(xr, wr, sizes, g, topk)),
+        (pallas_gg.grouped_gemm_forward(xt, w, m_sizes, gather, topk, permute_x=True,
+                                        backend="mosaic"),
+         reference.forward(xtr, wr, sizes, g, topk, permute_x=True)),
+        (pallas_gg.grouped_gemm_dX(dy, w, m_sizes, gather, topk, backend="mosaic"),
+         reference.dX(dyr, wr, sizes, g, topk)),
+        (pallas_gg.grouped_gemm_dW(x, dy, m_sizes, gather, topk, backend="mosaic"),
+         reference.dW(xr, dyr, sizes, g, topk)),
+    ]
+    for ours, ref in cases:
+        assert rel_error(np.asarray(ours, np.float32), ref) < tol
 
 
 def test_auto_picks_mosaic_only_where_it_measured_faster(monkeypatch):
@@ -383,3 +444,158 @@ def test_auto_keeps_the_triton_lowering_for_ops_not_measured_faster(monkeypatch)
         assert _backend.pick_lowering("auto", op=op, dtype=jnp.bfloat16, n=2048, k=2048,
                                       fused=False, config_given=False,
                                       interpret=False) == want
+
+
+# --- any M (rows not a multiple of 8), wrong routing values, float64 references ---------
+
+def _assert_kernels_get_whole_row_tiles(monkeypatch):
+    """Wrap the Mosaic kernels' launcher: every 2-D operand of more than 8 rows must hold a
+    multiple of 8 (Mosaic GPU tiles a TMA'd array's rows by 8 and raised "dimension 0 must
+    have size smaller or a multiple of its tiling 8" for M = 1026 on an H200; interpret mode
+    does not lower, so the CPU tests check the shapes the kernels are handed)."""
+    from pallas_gg.mosaic_lowering import _common, dw as dw_mod, matmul as mm, matmul_ws
+    seen = []
+
+    def launcher(body, out_type, args, **kw):
+        for a in list(args) + [out_type]:
+            if len(a.shape) == 2 and a.shape[0] > 8:
+                assert a.shape[0] % 8 == 0, f"a kernel got {a.shape[0]} rows"
+        seen.append(tuple(a.shape for a in args))
+        return _common.run_persistent(body, out_type, args, **kw)
+    for mod in (mm, matmul_ws, dw_mod):
+        monkeypatch.setattr(mod, "run_persistent", launcher)
+    return seen
+
+
+ODD_FWD = ForwardConfig(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2)
+ODD_DX = DXConfig(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2)
+ODD_DW = DWConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("tokens,topk", [(19, 3), (13, 1)])  # M = 57, 13: not multiples of 8
+@pytest.mark.parametrize("fusion", ["plain", "permute_x", "permute_y+mul"])
+def test_rows_not_a_multiple_of_8(monkeypatch, tokens, topk, fusion):
+    """M % 8 != 0 runs on Mosaic (the kernels get rows padded to a multiple of 8) and the
+    rows that exist match the float64 reference: forward, dX and dW."""
+    seen = _assert_kernels_get_whole_row_tiles(monkeypatch)
+    rng = np.random.default_rng(tokens * 10 + topk)
+    e, n, kk = 3, 32, 64
+    m = tokens * topk
+    ids = np.argsort(-rng.standard_normal((tokens, e)), axis=1)[:, :topk]
+    m_sizes, gather = pallas_gg.route(jnp.asarray(ids, jnp.int32), e)
+    sizes, g = np.asarray(m_sizes), np.asarray(gather)
+    px, py = fusion == "permute_x", fusion == "permute_y+mul"
+    x = rng.standard_normal((tokens if px else m, kk)).astype(np.float32)
+    w = (rng.standard_normal((e, n, kk)) / 8).astype(np.float32)
+    dy = rng.standard_normal((m, n)).astype(np.float32)
+    tw = rng.random(m).astype(np.float32)
+    j = {a: jnp.asarray(v, jnp.bfloat16) for a, v in (("x", x), ("w", w), ("dy", dy),
+                                                       ("tw", tw))}
+    r = {a: np.asarray(v, np.float32) for a, v in j.items()}
+    tol = tolerance("bfloat16")
+    y = pallas_gg.grouped_gemm_forward(j["x"], j["w"], m_sizes, gather, topk, permute_x=px,
+                                       permute_y=py, topk_weights=j["tw"], fuse_mul_post=py,
+                                       config=ODD_FWD, backend="mosaic")
+    ref = reference.forward(r["x"], r["w"], sizes, g, topk, permute_x=px, permute_y=py,
+                            topk_weights=r["tw"], fuse_mul_post=py)
+    assert y.shape == (m, n) and rel_error(np.asarray(y, np.float32), ref) < tol
+    dx = pallas_gg.grouped_gemm_dX(j["dy"], j["w"], m_sizes, gather, topk, permute_x=px,
+                                   permute_y=py, config=ODD_DX, backend="mosaic")
+    ref = reference.dX(r["dy"], r["w"], sizes, g, topk, permute_x=px, permute_y=py)
+    assert dx.shape == (m, kk) and rel_error(np.asarray(dx, np.float32), ref) < tol
+    dw = pallas_gg.grouped_gemm_dW(j["x"], j["dy"], m_sizes, gather, topk, permute_x=px,
+                                   permute_y=py, config=ODD_DW, backend="mosaic")
+    ref = reference.dW(r["x"], r["dy"], sizes, g, topk, permute_x=px, permute_y=py)
+    assert rel_error(np.asarray(dw, np.float32), ref) < tol
+    assert len(seen) == 3
+
+
+def test_rows_not_a_multiple_of_8_default_tiles_and_zero_tail(monkeypatch):
+    """The kernels' own entry points with 130 rows (M = 1026 / 1539 on the GPU, scaled
+    down), the default and warp-specialized tiles, 10 rows past sum(m_sizes): those are
+    exact zeros, the others match float64."""
+    _assert_kernels_get_whole_row_tiles(monkeypatch)
+    rng = np.random.default_rng(11)
+    sizes = np.asarray([50, 0, 70], np.int32)
+    m, n, k = 130, 128, 64
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, n, k)) / 8, jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    xr, wr, dyr = (np.asarray(a, np.float32) for a in (x, w, dy))
+    g = np.arange(120, dtype=np.int32)
+    for cfg in (MosaicConfig(block_m=64, block_n=64, block_k=32, max_concurrent_steps=2,
+                             num_sms=4), WS):
+        y = np.asarray(grouped_matmul(x, w, jnp.asarray(sizes), transpose_rhs=True,
+                                      config=cfg, interpret=True), np.float32)
+        assert y.shape == (m, n) and np.all(y[120:] == 0)
+        assert rel_error(y[:120], reference.forward(xr[:120], wr, sizes, g, 1)) < 2e-2
+    dwo = np.asarray(grouped_dw(x, dy, jnp.asarray(sizes), config=MosaicConfig(
+        block_m=64, block_n=32, block_k=16, max_concurrent_steps=2, num_sms=4),
+        interpret=True), np.float32)
+    assert rel_error(dwo, reference.dW(xr[:120], dyr[:120], sizes, g, 1)) < 2e-2
+
+
+@pytest.mark.parametrize("m_sizes", [
+    [5, -3, 9, 0], [-7, -7, 30, 2], [100, 100, 100, 100], [2**31 - 1, 2**31 - 1, 5, 1],
+    [0, 0, 0, 0], [3, 3, 3, 3], [-2**31, 2**31 - 1, 2**31 - 1, 40]])
+def test_expert_row_ranges_stay_inside_the_rows(m_sizes):
+    """Any int32 m_sizes (negative, summing past M or short, int32-overflowing sums): every
+    expert's rows lie in [0, M], in order, and valid sizes give the plain offsets."""
+    from pallas_gg.mosaic_lowering.schedule import expert_row_ranges
+    m = 37
+    starts, ends = (np.asarray(a) for a in expert_row_ranges(
+        jnp.asarray(m_sizes, jnp.int32), m))
+    assert np.all(0 <= starts) and np.all(starts <= ends) and np.all(ends <= m)
+    assert np.all(starts[1:] == ends[:-1]) and starts[0] == 0
+    clipped = np.clip(np.asarray(m_sizes, np.int64), 0, None)
+    np.testing.assert_array_equal(ends, np.minimum(np.cumsum(clipped), m))
+    s = tile_schedule(jnp.asarray(m_sizes, jnp.int32), m, 8, zero_tail=True)
+    expert, block, start, rows = (np.asarray(a) for a in s)
+    assert np.all(start >= 0) and np.all(start + rows <= 8) and np.all(rows >= 0)
+    assert np.all(block * 8 + start + rows <= m)
+    assert rows.sum() == m  # every row once: the experts' and the zero tail's
+
+
+BAD_ROUTING = {
+    "sum_past_m": ([30, 25, 20], None),
+    "sum_short": ([4, 0, 3], None),
+    "negative": ([-9, 40, 12], None),
+    "gather_out_of_range": (None, lambda m: np.arange(m) * 7 - 5),
+    "gather_repeated": (None, lambda m: np.zeros(m)),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ROUTING))
+@pytest.mark.parametrize("fusion", ["permute_x", "permute_y+mul"])
+def test_wrong_routing_values_stay_inside_the_arrays(bad, fusion):
+    """Unchecked routing values (under jit; value checks are opt-in): m_sizes summing past
+    M or short, negative sizes, gather indices out of range or repeated. Mosaic GPU's
+    interpreter raises on any shared-memory or scalar access outside an allocation (and
+    models TMA's bounds), so running at all is the memory-safety check; finite inputs give
+    finite outputs."""
+    sizes_bad, gather_bad = BAD_ROUTING[bad]
+    rng = np.random.default_rng(5)
+    t, topk, e, n, kk = 11, 3, 3, 32, 32
+    m = t * topk
+    m_sizes = np.asarray(sizes_bad if sizes_bad else [10, 0, m - 10], np.int32)
+    gather = (gather_bad(m) if gather_bad else rng.permutation(m)).astype(np.int32)
+    px = fusion == "permute_x"
+    x = jnp.asarray(rng.standard_normal((t if px else m, kk)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((e, n, kk)) / 6, jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    tw = jnp.asarray(rng.random(m), jnp.bfloat16)
+    flags = dict(permute_x=px, permute_y=not px)
+
+    @jax.jit
+    def run(x, w, dy, tw, m_sizes, gather):
+        y = pallas_gg.grouped_gemm_forward(x, w, m_sizes, gather, topk, topk_weights=tw,
+                                           fuse_mul_post=not px, config=ODD_FWD,
+                                           backend="mosaic", **flags)
+        dx = pallas_gg.grouped_gemm_dX(dy, w, m_sizes, gather, topk, config=ODD_DX,
+                                       backend="mosaic", **flags)
+        dw = pallas_gg.grouped_gemm_dW(x, dy, m_sizes, gather, topk, config=ODD_DW,
+                                       backend="mosaic", **flags)
+        return y, dx, dw
+    outs = run(x, w, dy, tw, jnp.asarray(m_sizes), jnp.asarray(gather))
+    for out in outs:
+        assert np.isfinite(np.asarray(out, np.float32)).all()

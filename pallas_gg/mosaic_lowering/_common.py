@@ -7,6 +7,26 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
+# Mosaic GPU tiles the rows of a GMEM array that a TMA copy reads or writes in groups of 8
+# (``TileTransform((8, swizzle))`` over the whole array): an array of more than 8 rows must
+# hold a multiple of 8 ("When no rounding mode is specified, dimension 0 must have size
+# smaller or a multiple of its tiling 8", seen on an H200 with M = 1026). The kernels' row
+# operands are padded to this multiple (``pad_rows``) and their outputs sliced back.
+ROW_TILING = 8
+
+
+def padded_rows(m: int) -> int:
+    """The row count a kernel runs for m rows: m itself when it is at most 8 or a multiple
+    of 8 (no copy), else m rounded up to a multiple of 8."""
+    return m if m <= ROW_TILING or m % ROW_TILING == 0 else -(-m // ROW_TILING) * ROW_TILING
+
+
+def pad_rows(a, rows: int):
+    """a [m, ...] with zero rows appended up to `rows` (a itself when it has them)."""
+    extra = rows - a.shape[0]
+    return a if extra == 0 else jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
+
+
 def smem_transforms(minor: int, dtype):
     """Tiling + swizzle of a shared-memory tile whose minor dimension has `minor` elements
     (the swizzled layout wgmma reads, transposed or not)."""

@@ -23,15 +23,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_gg.mosaic_lowering._common import run_persistent, smem_transforms
+from pallas_gg.mosaic_lowering._common import (pad_rows, padded_rows, run_persistent,
+                                               smem_transforms)
 from pallas_gg.mosaic_lowering.matmul import MosaicConfig
+from pallas_gg.mosaic_lowering.schedule import expert_row_ranges
 
 
-def _expert_slices(m_sizes, block_r: int):
+def _expert_slices(m_sizes, m: int, block_r: int):
     """Per expert: first row, end row, first aligned slice row, number of slices."""
-    sizes = m_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
+    starts, ends = expert_row_ranges(m_sizes, m)   # clamped into [0, m]: memory-safe
+    sizes = ends - starts
     slice_start = starts // block_r * block_r
     slice_end = -(-ends // block_r) * block_r
     num_slices = jnp.where(sizes > 0, (slice_end - slice_start) // block_r, 0)
@@ -55,7 +56,11 @@ def grouped_dw(x: jax.Array, dy: jax.Array, m_sizes: jax.Array, *,
                          f"multiple of {bm} and K={k} of {bn} (X {x.shape}, dY {dy.shape})")
     if m == 0:
         return jnp.zeros((num_experts, n, k), x.dtype)
-    starts, ends, slice_start, num_slices = _expert_slices(m_sizes, br)
+    if padded_rows(m) != m:  # whole 8-row tiles for TMA (``_common.padded_rows``); the
+        # zero rows past m belong to no expert
+        return grouped_dw(pad_rows(x, padded_rows(m)), pad_rows(dy, padded_rows(m)),
+                          m_sizes, config=config, interpret=interpret)
+    starts, ends, slice_start, num_slices = _expert_slices(m_sizes, m, br)
     grid_n, grid_k = n // bm, k // bn
     dy_tf, x_tf = smem_transforms(bm, dy.dtype), smem_transforms(bn, x.dtype)
 

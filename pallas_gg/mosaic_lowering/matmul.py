@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_gg.mosaic_lowering._common import grouped_visit, run_persistent
+from pallas_gg.mosaic_lowering._common import (grouped_visit, pad_rows, padded_rows,
+                                               run_persistent)
 from pallas_gg.mosaic_lowering.schedule import tile_schedule
 
 
@@ -86,6 +87,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
                    interpret=False) -> jax.Array:
     """out [M, N]: rows of expert e (consecutive, m_sizes[e] of them) times rhs[e]
     (rhs[e].T with transpose_rhs). Rows past sum(m_sizes) are zeros (stored by the kernel).
+    Any M: more than 8 rows that are not a multiple of 8 run padded to one (TMA's 8-row
+    tiling of the arrays; ``_common.padded_rows``), at the cost of a copy of lhs and of the
+    output. m_sizes may hold anything: see ``schedule.expert_row_ranges``.
 
     interpret: False (compile for the GPU), True (Mosaic GPU's interpreter, on any device) or
     a ``plgpu.InterpretGPUParams`` (the interpreter with those settings, e.g. its race
@@ -98,9 +102,13 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
     if cfg.compute_wgs != 1:
         raise ValueError(f"compute_wgs must be 1 or 2, got {cfg.compute_wgs}")
     n, k = _check(lhs, rhs, m_sizes, transpose_rhs, cfg)
-    m = lhs.shape[0]
-    if m == 0:
+    rows_in = lhs.shape[0]
+    if rows_in == 0:
         return jnp.zeros((0, n), lhs.dtype)
+    m = padded_rows(rows_in)
+    if m != rows_in:  # whole 8-row tiles for TMA: pad, run, slice (one copy each way)
+        return grouped_matmul(pad_rows(lhs, m), rhs, m_sizes, transpose_rhs=transpose_rhs,
+                              config=cfg, interpret=interpret)[:rows_in]
     num_experts = rhs.shape[0]
     sched = tile_schedule(m_sizes, m, cfg.block_m, zero_tail=True)
     grid_n = n // cfg.block_n

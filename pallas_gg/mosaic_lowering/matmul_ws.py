@@ -22,7 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_gg.mosaic_lowering._common import grouped_visit, run_persistent, smem_transforms
+from pallas_gg.mosaic_lowering._common import (grouped_visit, pad_rows, padded_rows,
+                                               run_persistent, smem_transforms)
 from pallas_gg.mosaic_lowering.matmul import MosaicConfig, _check, store_row_range
 from pallas_gg.mosaic_lowering.schedule import tile_schedule
 
@@ -43,9 +44,13 @@ def grouped_matmul_ws(lhs: jax.Array, rhs: jax.Array, m_sizes: jax.Array, *,
                          f"multiples of 64 (wgmma), got block_m={bm}, block_n={bn}")
     if cfg.max_concurrent_steps < 2:
         raise ValueError("the warp-specialized kernel needs max_concurrent_steps >= 2")
-    m = lhs.shape[0]
-    if m == 0:
+    rows_in = lhs.shape[0]
+    if rows_in == 0:
         return jnp.zeros((0, n), lhs.dtype)
+    m = padded_rows(rows_in)
+    if m != rows_in:  # whole 8-row tiles for TMA (``matmul.grouped_matmul``)
+        return grouped_matmul_ws(pad_rows(lhs, m), rhs, m_sizes, transpose_rhs=transpose_rhs,
+                                 config=config, interpret=interpret)[:rows_in]
     num_experts = rhs.shape[0]
     sched = tile_schedule(m_sizes, m, bm, zero_tail=True)
     grid_n = n // bn

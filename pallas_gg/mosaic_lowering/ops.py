@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_gg.mosaic_lowering._common import pad_rows, padded_rows
 from pallas_gg.mosaic_lowering.dw import grouped_dw
 from pallas_gg.mosaic_lowering.matmul import MosaicConfig, grouped_matmul
 
@@ -43,60 +44,99 @@ def _default_out_tile(columns: int) -> int:
     return 128 if columns % 128 == 0 else 64
 
 
+def _take_rows(a, indices, rows: int):
+    """a[indices] padded with copies of row 0 to `rows` rows (the kernels' 8-row tiling,
+    ``_common.padded_rows``: the gather that makes the copy anyway makes it padded). The
+    indices are clamped into [0, len(a)): a gather index out of range (unchecked, value
+    checks are opt-in) reads a wrong row, never outside a. The padded rows belong to no
+    expert: the GEMMs store zeros there and dW masks them."""
+    idx = jnp.clip(indices.astype(jnp.int32), 0, max(a.shape[0] - 1, 0))
+    idx = pad_rows(idx, rows)
+    return jnp.take(a, idx, axis=0, mode="clip") if a.shape[0] else jnp.zeros(
+        (rows,) + a.shape[1:], a.dtype)
+
+
 def _to_routed_rows(a, gather_indices):
     """Expert-order rows -> routed-row order (row p stored at gather_indices[p]), as a row
     gather through the inverse permutation: XLA's row scatter (``.at[g].set``) ran at 127
     TFLOP/s-equivalent on qwen3_w2 (H200), a gather moves the same bytes as permute_x's.
-    gather_indices is a permutation of the M rows (dropped slots included)."""
+    gather_indices is a permutation of the M rows (dropped slots included). a may hold more
+    rows than M (kernel padding): only its first M are read. An index out of range or
+    repeated (wrong routing values) gives wrong rows, never an access outside a: the scatter
+    drops indices out of range, and the inverse's entries are clamped."""
     m = gather_indices.shape[0]
-    inverse = jnp.zeros((m,), jnp.int32).at[gather_indices].set(jnp.arange(m, dtype=jnp.int32))
-    return a[inverse]
+    inverse = jnp.zeros((m,), jnp.int32).at[gather_indices].set(
+        jnp.arange(m, dtype=jnp.int32), mode="drop")
+    return jnp.take(a, jnp.clip(inverse, 0, m - 1), axis=0, mode="clip")
+
+
+def _row_scale(topk_weights, gather_indices, rows: int):
+    """fuse_mul_post's fp32 scale of each expert-order row (padded to `rows`: the padded
+    rows are zeros, any scale will do)."""
+    return _take_rows(topk_weights.astype(jnp.float32)[:, None], gather_indices, rows)[:, 0]
 
 
 def forward(x, w, m_sizes, gather_indices, topk_weights, *, topk, num_rows, permute_x,
             permute_y, fuse_mul_post, config, interpret, out_dtype=None):
+    m = gather_indices.shape[0] if permute_x else x.shape[0]
+    out_dtype = out_dtype or x.dtype
+    if m == 0 or 0 in w.shape[1:]:  # nothing to multiply: zeros, no kernel
+        return jnp.zeros((m, w.shape[1]), out_dtype)
     check_supported(x, w)
     cfg = (default_matmul_config(w.shape[1]) if config is None else
            MosaicConfig(config.block_m, config.block_n, config.block_k, config.num_stages,
                         group_m=config.group_m))
+    rows = padded_rows(m)
     if permute_x:
-        x = x[gather_indices // topk]
+        x = _take_rows(x, jnp.clip(gather_indices, 0, None) // topk, rows)
+    # rows > m only with permute_x (the padded gather); else the kernel pads and slices
     y = grouped_matmul(x, w, m_sizes, transpose_rhs=True, config=cfg, interpret=interpret)
     if fuse_mul_post:
-        scale = topk_weights[gather_indices].astype(jnp.float32)
+        scale = _row_scale(topk_weights, gather_indices, y.shape[0])
         y = (y.astype(jnp.float32) * scale[:, None]).astype(y.dtype)
     if permute_y:
         y = _to_routed_rows(y, gather_indices)
-    return y.astype(out_dtype or y.dtype)
+    return y[:m].astype(out_dtype)
 
 
 def dx(dy, w, m_sizes, gather_indices, *, num_rows, permute_x, permute_y, config, interpret,
        out_dtype=None):
+    m = gather_indices.shape[0] if permute_y else dy.shape[0]
+    out_dtype = out_dtype or dy.dtype
+    k = w.shape[2]
+    if m == 0 or 0 in w.shape[1:]:  # nothing to multiply: zeros, no kernel
+        return jnp.zeros((m, k), out_dtype)
     check_supported(dy, w)
     # dX's output columns are K (the config's block_k), its reduction runs over N (block_n)
-    k = w.shape[2]
     cfg = (default_matmul_config(k) if config is None else
            MosaicConfig(config.block_m, config.block_k, config.block_n, config.num_stages))
     if permute_y:
-        dy = dy[gather_indices]
+        dy = _take_rows(dy, gather_indices, padded_rows(m))
     dx_ = grouped_matmul(dy, w, m_sizes, transpose_rhs=False, config=cfg,
                          interpret=interpret)
     if permute_x:
         dx_ = _to_routed_rows(dx_, gather_indices)
-    return dx_.astype(out_dtype or dx_.dtype)
+    return dx_[:m].astype(out_dtype)
 
 
 def dw(x, dy, m_sizes, gather_indices, *, topk, permute_x, permute_y, config, interpret,
        out_dtype=None):
-    check_supported(x, dy)
     # dW's output tile is (N, K) = (config.block_n, config.block_k); block_m is the reduction
     n, k = dy.shape[1], x.shape[1]
+    out_dtype = out_dtype or x.dtype
+    m = gather_indices.shape[0] if (permute_x or permute_y) else x.shape[0]
+    if m == 0 or n == 0 or k == 0:  # an empty reduction or output: exact zeros, no kernel
+        return jnp.zeros((m_sizes.shape[0], n, k), out_dtype)
+    check_supported(x, dy)
     cfg = (MosaicConfig(block_m=_default_out_tile(n), block_n=_default_out_tile(k),
                         block_k=64) if config is None else
            MosaicConfig(config.block_n, config.block_k, config.block_m, config.num_stages))
+    rows = padded_rows(m)
     if permute_x:
-        x = x[gather_indices // topk]
+        x = _take_rows(x, jnp.clip(gather_indices, 0, None) // topk, rows)
     if permute_y:
-        dy = dy[gather_indices]
+        dy = _take_rows(dy, gather_indices, rows)
+    # both operands with the same (padded) rows: one gathered, the other padded here
+    x, dy = pad_rows(x, rows), pad_rows(dy, rows)
     out = grouped_dw(x, dy, m_sizes, config=cfg, interpret=interpret)
-    return out.astype(out_dtype or out.dtype)
+    return out.astype(out_dtype)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 class TileSchedule(NamedTuple):
@@ -32,6 +33,24 @@ def num_tiles(m: int, num_experts: int, block_m: int) -> int:
     return max(1, -(-m // block_m) + num_experts - 1)
 
 
+def expert_row_ranges(m_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """(starts, ends) [E] int32: expert e owns rows [starts[e], ends[e]), and
+    0 <= starts[e] <= ends[e] <= m whatever m_sizes holds.
+
+    Wrong routing values (unchecked under jit; value checks are opt-in) may give wrong
+    numbers, never an access outside the arrays: a negative size counts as 0, and the rows
+    past m are cut off (experts past m own none). For valid m_sizes (non-negative, sum <= m)
+    these are the plain offsets. The running sum saturates at m (``min(a + b, m)``, written
+    ``min(a, m - b) + b`` so that no partial sum can overflow int32, however large the
+    sizes)."""
+    sizes = jnp.clip(m_sizes.astype(jnp.int32), 0, m)
+    if sizes.shape[0] == 0:
+        return sizes, sizes
+    ends = lax.associative_scan(lambda a, b: jnp.minimum(a, m - b) + b, sizes)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    return starts, ends
+
+
 def tile_schedule(m_sizes: jax.Array, m: int, block_m: int, *,
                   zero_tail: bool = False) -> TileSchedule:
     """The schedule for m_sizes [E] (rows per expert, summing to at most m).
@@ -39,13 +58,13 @@ def tile_schedule(m_sizes: jax.Array, m: int, block_m: int, *,
     zero_tail: the rows past sum(m_sizes) become visits of a pseudo-expert E (tiles with
     expert == E), which the kernel stores as zeros: the contract zeroes those rows, and
     doing it in the kernel's own stores saves a pass over the whole output."""
-    sizes = m_sizes.astype(jnp.int32)
+    starts, ends = expert_row_ranges(m_sizes, m)
     if zero_tail:
-        tail = jnp.maximum(m - jnp.sum(sizes), 0)
-        sizes = jnp.concatenate([sizes, tail[None]])
+        tail_start = ends[-1:] if ends.shape[0] else jnp.zeros((1,), jnp.int32)
+        starts = jnp.concatenate([starts, tail_start])
+        ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
+    sizes = ends - starts
     num_experts = sizes.shape[0]
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
     first_block = starts // block_m
     last_block = (ends - 1) // block_m
     visits = jnp.where(sizes > 0, last_block - first_block + 1, 0)   # [E]
