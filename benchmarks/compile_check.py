@@ -46,8 +46,9 @@ def compile_forward(block_m, block_n, block_k, num_warps, num_stages, *,
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "x_desc": _desc(block_m, block_k),
            "w_desc": _desc(block_n, block_k),
            "y_ptr": "*bf16", "y_unweighted_ptr": "*bf16", "m_sizes_ptr": "*i32",
-           "gather_ptr": "*i32", "topk_weights_ptr": "*fp32", "E": "i32", "TOPK": "i32",
-           "num_programs": "i32", "stride_we": "i64", "stride_wn": "i64", "stride_wk": "i64"}
+           "gather_ptr": "*i32", "topk_weights_ptr": "*fp32", "E": "i32", "M": "i32",
+           "TOPK": "i32", "num_programs": "i32", "stride_we": "i64", "stride_wn": "i64",
+           "stride_wk": "i64"}
     consts = dict(N=n, K=k, PERMUTE_X=permute_x, PERMUTE_Y=permute_y, FUSE_MUL=fuse_mul,
                   STORE_UNWEIGHTED=False, TMA_W=True, TMA_X=tma_x, BLOCK_M=block_m,
                   BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, E_POW2=128, EVEN_K=True,
@@ -64,7 +65,8 @@ def compile_dx(block_m, block_n, block_k, num_warps, num_stages, *,
     sig = {"dy_ptr": "*bf16", "w_ptr": "*bf16", "dy_desc": _desc(block_m, block_n),
            "w_desc": _desc(block_n, block_k),
            "dx_ptr": "*bf16", "m_sizes_ptr": "*i32", "gather_ptr": "*i32", "E": "i32",
-           "num_m_tiles": "i32", "stride_we": "i64", "stride_wn": "i64", "stride_wk": "i64"}
+           "M": "i32", "num_m_tiles": "i32", "stride_we": "i64", "stride_wn": "i64",
+           "stride_wk": "i64"}
     consts = dict(N=n, K=k, PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_W=True,
                   TMA_DY=tma_dy, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   GROUP_M=1, E_POW2=128, EVEN_N=True, UPCAST_DOT=False, IEEE_DOT=False)
@@ -78,8 +80,8 @@ def compile_dw(block_m, block_n, block_k, num_warps, num_stages, *, tma_loads=Tr
     from triton_gg.kernels.dw import _dw_kernel
     sig = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dw_ptr": "*bf16",
            "dw_desc": f"tensordesc<bf16[1, {block_n}, {block_k}]>", "m_sizes_ptr": "*i32",
-           "gather_ptr": "*i32", "E": "i32", "TOPK": "i32", "num_programs": "i32",
-           "stride_de": "i64", "stride_dn": "i64", "stride_dk": "i64"}
+           "gather_ptr": "*i32", "E": "i32", "M": "i32", "TOPK": "i32",
+           "num_programs": "i32", "stride_de": "i64", "stride_dn": "i64", "stride_dk": "i64"}
     consts = dict(N=n, K=k, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
                   TMA_X=tma_loads and not permute_x, TMA_DY=tma_loads and not permute_y,
                   TMA_DW=tma_store, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -35,11 +35,14 @@ def max_row_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
 def expert_offsets(m_sizes, num_rows: int):
     """offs [E+1] int32: expert e owns positions [offs[e], offs[e+1]).
 
-    Clipped to ``num_rows`` so that wrong m_sizes under jit (where they cannot be checked)
-    never send a kernel past the end of its arrays.
+    Kernels are memory-safe for any routing values (wrong m_sizes under jit cannot be
+    checked, and value checks are off by default): the offsets are clipped to
+    ``[0, num_rows]``, so no kernel is sent past either end of its arrays (even where an
+    int32 sum wraps), and a negative size counts as zero (as in triton_gg) instead of moving
+    the later experts' rows back. The identity for valid routing.
     """
-    ends = jnp.minimum(jnp.cumsum(m_sizes.astype(jnp.int32)), num_rows)
-    ends = jnp.maximum(ends, 0)
+    ends = jnp.cumsum(jnp.maximum(m_sizes.astype(jnp.int32), 0))
+    ends = jnp.clip(ends, 0, num_rows)
     return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends.astype(jnp.int32)])
 
 

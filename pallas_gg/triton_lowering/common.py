@@ -100,10 +100,22 @@ def out_of_range_rows(num_rows: int, block: int):
 
 
 def load_routed_rows(gather_ref, positions, row_ok, num_rows: int):
-    """gather_indices[p] for the tile's expert-order positions; masked-off rows get distinct
-    out-of-range rows so that a scatter through them never repeats an index."""
-    return plgpu.load(gather_ref.at[positions], mask=row_ok,
-                      other=out_of_range_rows(num_rows, positions.shape[0]))
+    """(gather_indices[p] for the tile's expert-order positions, which rows to follow).
+
+    Kernels are memory-safe for any routing values (value checks are off by default, and
+    under jit they cannot run): a row whose index is outside [0, num_rows) is masked off,
+    never followed (the GPU does not clamp indices; interpret mode would). Masked-off rows,
+    and rows past the tile's end, get distinct out-of-range rows so that a scatter through
+    them never repeats an index (see the module doc). Two compares and a select per row."""
+    spare = out_of_range_rows(num_rows, positions.shape[0])
+    routed = plgpu.load(gather_ref.at[positions], mask=row_ok, other=spare)
+    ok = row_ok & (routed >= 0) & (routed < num_rows)
+    return lax.select(ok, routed, spare), ok
+
+
+def load_vector(ref, index, ok):
+    """ref[index] as a vector; entries where ``ok`` is False read as 0."""
+    return plgpu.load(ref.at[index], mask=ok, other=0)
 
 
 def swizzle(pid, num_row_tiles: int, num_col_tiles: int, group_m: int):
@@ -139,5 +151,6 @@ def dummy_index_array():
 
 
 __all__ = ["DOT_PRECISION", "block_range", "cdiv", "compiler_params", "div", "dot",
-           "dummy_index_array", "load_routed_rows", "load_tile", "out_of_range_rows", "rem",
+           "dummy_index_array", "load_routed_rows", "load_tile", "load_vector",
+           "out_of_range_rows", "rem",
            "run_kernel", "select", "store_tile", "swizzle"]

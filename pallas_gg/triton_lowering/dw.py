@@ -40,8 +40,8 @@ def _dw_kernel(offs_ref, gather_ref, x_ref, dy_ref, dw_ref, *, topk, n, k, num_r
     def m_step(i, acc):
         positions = first + common.block_range(i, block_m)
         row_ok = positions < end
-        routed = (common.load_routed_rows(gather_ref, positions, row_ok, num_rows)
-                  if permute_x or permute_y else None)
+        if permute_x or permute_y:  # a row with an out-of-range gather index is dropped
+            routed, row_ok = common.load_routed_rows(gather_ref, positions, row_ok, num_rows)
         x_rows = common.div(routed, topk) if permute_x else positions
         dy_rows = routed if permute_y else positions
         x = common.load_tile(x_ref, x_rows, ks, row_ok, k_ok)

@@ -38,9 +38,12 @@ def _dx_kernel(tiles_ref, gather_ref, dy_ref, w_ref, dx_ref, *, num_experts, n, 
     def _():
         positions = row_start + jnp.arange(block_m, dtype=jnp.int32)
         row_ok = positions < row_end
-        routed = (common.load_routed_rows(gather_ref, positions, row_ok, num_rows)
-                  if permute_x or permute_y else None)
+        # routed_ok: row_ok and an in-range gather index (a row with a bad index is dropped
+        # wherever the index would address memory: the gather from dY, the scatter into dX)
+        routed, routed_ok = (common.load_routed_rows(gather_ref, positions, row_ok, num_rows)
+                             if permute_x or permute_y else (None, row_ok))
         dy_rows = routed if permute_y else positions
+        dy_ok = routed_ok if permute_y else row_ok
         ks = common.block_range(k_tile, block_k)
         k_ok = ks < k
         w_expert = lax.min(expert, jnp.int32(num_experts - 1))
@@ -48,7 +51,7 @@ def _dx_kernel(tiles_ref, gather_ref, dy_ref, w_ref, dx_ref, *, num_experts, n, 
         def n_step(j, acc):
             ns = common.block_range(j, block_n)
             n_ok = ns < n
-            dy = common.load_tile(dy_ref, dy_rows, ns, row_ok, n_ok)
+            dy = common.load_tile(dy_ref, dy_rows, ns, dy_ok, n_ok)
             w = common.load_tile(w_ref, ns, ks, n_ok, k_ok, lead=w_expert)
             return acc + common.dot(dy, w)
 
@@ -58,7 +61,8 @@ def _dx_kernel(tiles_ref, gather_ref, dy_ref, w_ref, dx_ref, *, num_experts, n, 
                             jnp.zeros((block_m, block_k), jnp.float32))
         out_rows = routed if permute_x else common.select(
             row_ok, positions, common.out_of_range_rows(num_rows, block_m))
-        common.store_tile(dx_ref, out_rows, ks, row_ok, k_ok, acc)
+        common.store_tile(dx_ref, out_rows, ks, routed_ok if permute_x else row_ok, k_ok,
+                          acc)
 
 
 @functools.partial(jax.jit, static_argnames=("permute_x", "permute_y", "config", "interpret",

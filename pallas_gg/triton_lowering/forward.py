@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from gg_spec import ForwardConfig
 from pallas_gg import schedule
@@ -41,9 +40,12 @@ def _forward_kernel(tiles_ref, gather_ref, weights_ref, x_ref, w_ref, y_ref, *,
         positions = row_start + jnp.arange(block_m, dtype=jnp.int32)
         row_ok = positions < row_end
         uses_gather = permute_x or permute_y or fuse_mul_post
-        routed = (common.load_routed_rows(gather_ref, positions, row_ok, num_rows)
-                  if uses_gather else None)
+        # routed_ok: row_ok and an in-range gather index (a row with a bad index is dropped
+        # wherever the index would address memory: X, topk_weights, the scatter into Y)
+        routed, routed_ok = (common.load_routed_rows(gather_ref, positions, row_ok, num_rows)
+                             if uses_gather else (None, row_ok))
         x_rows = common.div(routed, topk) if permute_x else positions
+        x_ok = routed_ok if permute_x else row_ok
         cols = common.block_range(n_tile, block_n)
         col_ok = cols < n
         w_expert = lax.min(expert, jnp.int32(num_experts - 1))
@@ -51,7 +53,7 @@ def _forward_kernel(tiles_ref, gather_ref, weights_ref, x_ref, w_ref, y_ref, *,
         def k_step(i, acc):
             ks = common.block_range(i, block_k)
             k_ok = ks < k
-            x = common.load_tile(x_ref, x_rows, ks, row_ok, k_ok)
+            x = common.load_tile(x_ref, x_rows, ks, x_ok, k_ok)
             w = common.load_tile(w_ref, cols, ks, col_ok, k_ok, lead=w_expert)
             return acc + common.dot(x, w, trans_b=True)
 
@@ -60,11 +62,12 @@ def _forward_kernel(tiles_ref, gather_ref, weights_ref, x_ref, w_ref, y_ref, *,
         acc = lax.fori_loop(0, num_k_steps, k_step,
                             jnp.zeros((block_m, block_n), jnp.float32))
         if fuse_mul_post:
-            scale = plgpu.load(weights_ref.at[routed], mask=row_ok, other=0)
+            scale = common.load_vector(weights_ref, routed, routed_ok)
             acc = acc * scale.astype(jnp.float32)[:, None]
         out_rows = routed if permute_y else common.select(
             row_ok, positions, common.out_of_range_rows(num_rows, block_m))
-        common.store_tile(y_ref, out_rows, cols, row_ok, col_ok, acc)
+        common.store_tile(y_ref, out_rows, cols, routed_ok if permute_y else row_ok, col_ok,
+                          acc)
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "permute_x", "permute_y",

@@ -20,11 +20,12 @@ import triton.language as tl
 from triton_gg.kernels.schedule import next_pow2, routed_rows
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _combine_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, out_ptr, TOPK: tl.constexpr, E,
                     H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                    E_POW2: tl.constexpr, T):
-    rows_written = routed_rows(m_sizes_ptr, E, E_POW2)
+                    E_POW2: tl.constexpr, T, M):
+    # M: the rows of Y. Never past them, even for m_sizes that overcount (value checks off)
+    rows_written = tl.minimum(routed_rows(m_sizes_ptr, E, E_POW2), M)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_mask = tokens < T
@@ -35,7 +36,9 @@ def _combine_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, out_ptr, TOPK: tl.conste
     for j in tl.static_range(TOPK):
         routed = tokens.to(tl.int64) * TOPK + j
         p = tl.load(pos_ptr + routed, mask=t_mask, other=0).to(tl.int64)
-        written = p < rows_written
+        # a position outside [0, rows_written) (dropped, or garbage from bad routing) is
+        # not read
+        written = (p >= 0) & (p < rows_written)
         # a dropped slot's weight is not read either: w * 0 is NaN for a NaN / Inf weight
         w = tl.load(w_ptr + routed, mask=t_mask & written, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + p[:, None] * H + cols[None, :], mask=mask & written[:, None],
@@ -45,17 +48,22 @@ def _combine_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, out_ptr, TOPK: tl.conste
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _combine_backward_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, do_ptr, dy_ptr, dw_ptr, R,
-                             TOPK, E, H: tl.constexpr, BLOCK_R: tl.constexpr,
+                             TOPK, E, M, H: tl.constexpr, BLOCK_R: tl.constexpr,
                              BLOCK_H: tl.constexpr, E_POW2: tl.constexpr,
                              NEED_DW: tl.constexpr):
-    rows_written = routed_rows(m_sizes_ptr, E, E_POW2)
+    # M: the rows of Y and dY. Never past them, even for m_sizes that overcount
+    rows_written = tl.minimum(routed_rows(m_sizes_ptr, E, E_POW2), M)
     routed = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = routed < R
     routed = routed.to(tl.int64)
     p = tl.load(pos_ptr + routed, mask=r_mask, other=0).to(tl.int64)
-    written = r_mask & (p < rows_written)
+    # pos comes from the gather indices: with bad ones (value checks off: out of range or
+    # repeated, which leaves entries of the inverse unset) it may hold anything, so a
+    # position outside [0, M) is neither stored to nor read
+    stored = r_mask & (p >= 0) & (p < M)
+    written = stored & (p < rows_written)
     w = tl.load(w_ptr + routed, mask=r_mask, other=0.0).to(tl.float32)
     token = routed // TOPK
     dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -65,7 +73,7 @@ def _combine_backward_kernel(y_ptr, w_ptr, pos_ptr, m_sizes_ptr, do_ptr, dy_ptr,
         do = tl.load(do_ptr + token[:, None] * H + cols[None, :], mask=mask,
                      other=0.0).to(tl.float32)
         tl.store(dy_ptr + p[:, None] * H + cols[None, :],
-                 (w[:, None] * do).to(dy_ptr.dtype.element_ty), mask=mask)
+                 (w[:, None] * do).to(dy_ptr.dtype.element_ty), mask=mask & stored[:, None])
         if NEED_DW:
             y = tl.load(y_ptr + p[:, None] * H + cols[None, :],
                         mask=mask & written[:, None], other=0.0).to(tl.float32)
@@ -83,7 +91,8 @@ def launch_combine(y, weights, pos, m_sizes, out, *, topk, block_t=4, block_h=51
     grid = (triton.cdiv(tokens, block_t), triton.cdiv(h, block_h))
     _combine_kernel[grid](y, weights, pos, m_sizes, out, topk, m_sizes.shape[0], h,
                           BLOCK_T=block_t, BLOCK_H=block_h,
-                          E_POW2=next_pow2(m_sizes.shape[0]), T=tokens, num_warps=num_warps)
+                          E_POW2=next_pow2(m_sizes.shape[0]), T=tokens, M=y.shape[0],
+                          num_warps=num_warps)
     return out
 
 
@@ -98,7 +107,7 @@ def launch_combine_backward(y, weights, pos, m_sizes, d_out, dy, d_weights, *, t
     grid = (triton.cdiv(routed, block_r),)
     _combine_backward_kernel[grid](
         y, weights, pos, m_sizes, d_out, dy, d_weights if d_weights is not None else weights,
-        routed, topk, m_sizes.shape[0], h, BLOCK_R=block_r, BLOCK_H=block_h,
+        routed, topk, m_sizes.shape[0], dy.shape[0], h, BLOCK_R=block_r, BLOCK_H=block_h,
         E_POW2=next_pow2(m_sizes.shape[0]), NEED_DW=d_weights is not None,
         num_warps=num_warps)
     return dy, d_weights

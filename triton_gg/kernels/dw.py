@@ -39,14 +39,15 @@ import triton
 import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
-from triton_gg.kernels.schedule import next_pow2, programs_for
+from triton_gg.kernels.schedule import clamp_index, next_pow2, programs_for, safe_sizes
 from triton_gg.kernels.tma import descriptor, ensure_device_descriptor_scratch, tma_usable
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _dw_kernel(
     x_ptr, dy_ptr, dw_ptr, dw_desc, m_sizes_ptr, gather_ptr,
-    E, N: tl.constexpr, K: tl.constexpr, TOPK, num_programs, stride_de, stride_dn, stride_dk,
+    E, M, N: tl.constexpr, K: tl.constexpr, TOPK, num_programs, stride_de, stride_dn,
+    stride_dk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr,
     TMA_DY: tl.constexpr, TMA_DW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -54,10 +55,9 @@ def _dw_kernel(
 ):
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_k_tiles = tl.cdiv(K, BLOCK_K)
-    experts = tl.arange(0, E_POW2)
-    sizes = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0)
-    sizes64 = sizes.to(tl.int64)
-    starts = tl.cumsum(sizes64, 0) - sizes64
+    # M: the rows of dY and gather (and of X unless permute_x). Each expert's row range
+    # (which also bounds its TMA descriptors) is cut to them, whatever m_sizes holds
+    experts, sizes, starts = safe_sizes(m_sizes_ptr, E, M, E_POW2)
     for tile in tl.range(tl.program_id(0), E * num_n_tiles * num_k_tiles, num_programs,
                          flatten=True):
         # consecutive tiles share an expert (its rows stay in L2), then an N-tile
@@ -68,14 +68,15 @@ def _dw_kernel(
         expert_start = tl.sum(tl.where(this, starts, 0), 0)
         expert_rows = tl.sum(tl.where(this, sizes, 0), 0)
         _dw_tile(x_ptr, dy_ptr, dw_ptr, dw_desc, gather_ptr, expert,
-                 expert_start, expert_rows, n_tile, k_tile, N, K, TOPK, stride_de, stride_dn,
-                 stride_dk, PERMUTE_X, PERMUTE_Y, TMA_X, TMA_DY, TMA_DW, BLOCK_M, BLOCK_N,
-                 BLOCK_K, UPCAST_DOT, IEEE_DOT)
+                 expert_start, expert_rows, n_tile, k_tile, M, N, K, TOPK, stride_de,
+                 stride_dn, stride_dk, PERMUTE_X, PERMUTE_Y, TMA_X, TMA_DY, TMA_DW, BLOCK_M,
+                 BLOCK_N, BLOCK_K, UPCAST_DOT, IEEE_DOT)
 
 
 @triton.jit
 def _dw_tile(x_ptr, dy_ptr, dw_ptr, dw_desc, gather_ptr, expert,
-             expert_start, expert_rows, n_tile, k_tile, N: tl.constexpr, K: tl.constexpr, TOPK,
+             expert_start, expert_rows, n_tile, k_tile, M, N: tl.constexpr, K: tl.constexpr,
+             TOPK,
              stride_de, stride_dn, stride_dk, PERMUTE_X: tl.constexpr,
              PERMUTE_Y: tl.constexpr, TMA_X: tl.constexpr, TMA_DY: tl.constexpr,
              TMA_DW: tl.constexpr,
@@ -101,7 +102,9 @@ def _dw_tile(x_ptr, dy_ptr, dw_ptr, dw_desc, gather_ptr, expert,
         row_mask = (m0 + ms) < expert_rows
         pos = expert_start + m0 + ms
         if PERMUTE_X or PERMUTE_Y:
-            routed = tl.load(gather_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+            # clamped into [0, M): an index outside would address X or dY past their ends
+            routed = clamp_index(tl.load(gather_ptr + pos, mask=row_mask, other=0), M)
+            routed = routed.to(tl.int64)
         x_rows = routed // TOPK if PERMUTE_X else pos
         dy_rows = routed if PERMUTE_Y else pos
         # dY tile [BLOCK_M, BLOCK_N] and X tile [BLOCK_M, BLOCK_K], both row-major loads
@@ -161,7 +164,7 @@ def launch_dw(x, dy, m_sizes, gather_indices, dw, *, topk, permute_x, permute_y,
     _dw_kernel[(programs,)](
         x, dy, dw, descriptor(dw, (1, config.block_n, config.block_k)) if tma_dw else None,
         m_sizes, gather_indices if gather_indices is not None else m_sizes,
-        num_experts, n, k, topk, programs, *dw.stride(),
+        num_experts, dy.shape[0], n, k, topk, programs, *dw.stride(),
         PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_X=tma_x, TMA_DY=tma_dy, TMA_DW=tma_dw,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         E_POW2=next_pow2(num_experts),

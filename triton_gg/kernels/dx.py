@@ -10,14 +10,14 @@ import triton
 import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
-from triton_gg.kernels.schedule import locate_m_tile, next_pow2, swizzle
+from triton_gg.kernels.schedule import clamp_index, locate_m_tile, next_pow2, swizzle
 from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _dx_kernel(
     dy_ptr, w_ptr, dy_desc, w_desc, dx_ptr, m_sizes_ptr, gather_ptr,
-    E, N: tl.constexpr, K: tl.constexpr, num_m_tiles, stride_we, stride_wn, stride_wk,
+    E, M, N: tl.constexpr, K: tl.constexpr, num_m_tiles, stride_we, stride_wn, stride_wk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, TMA_W: tl.constexpr,
     TMA_DY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -26,8 +26,10 @@ def _dx_kernel(
 ):
     num_k_tiles = tl.cdiv(K, BLOCK_K)
     m_tile, k_tile = swizzle(tl.program_id(0), num_m_tiles, num_k_tiles, GROUP_M)
+    # M: the rows of dX, dY and gather; the schedule never reaches past them, whatever
+    # m_sizes holds (``safe_sizes``)
     expert, expert_start, expert_rows, local_row = locate_m_tile(
-        m_tile, m_sizes_ptr, E, BLOCK_M, E_POW2)
+        m_tile, m_sizes_ptr, E, M, BLOCK_M, E_POW2)
     if expert >= E:
         return
 
@@ -35,7 +37,9 @@ def _dx_kernel(
     row_mask = rows < expert_rows
     pos = expert_start + rows
     if PERMUTE_X or PERMUTE_Y:
-        routed = tl.load(gather_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+        # clamped into [0, M): an index outside would address dY or dX past their ends
+        routed = clamp_index(tl.load(gather_ptr + pos, mask=row_mask, other=0), M)
+        routed = routed.to(tl.int64)
     dy_rows = routed if PERMUTE_Y else pos
 
     cols = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -98,7 +102,7 @@ def launch_dx(dy, w, m_sizes, gather_indices, dx, *, permute_x, permute_y, confi
         descriptor_2d(dy, config.block_m, config.block_n) if tma_dy else None,
         descriptor_2d(w2d, config.block_n, config.block_k) if tma_w else None,
         dx, m_sizes, gather_indices if gather_indices is not None else m_sizes,
-        num_experts, n, k, num_m_tiles, *w.stride(),
+        num_experts, m, n, k, num_m_tiles, *w.stride(),
         PERMUTE_X=permute_x, PERMUTE_Y=permute_y, TMA_W=tma_w, TMA_DY=tma_dy,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, E_POW2=next_pow2(num_experts), EVEN_N=n % config.block_n == 0,

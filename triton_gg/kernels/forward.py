@@ -35,15 +35,15 @@ import triton
 import triton.language as tl
 
 from triton_gg._runtime import INTERPRETING
-from triton_gg.kernels.schedule import (expert_tile_table, find_m_tile, next_pow2,
-                                        programs_for, swizzle)
+from triton_gg.kernels.schedule import (clamp_index, expert_tile_table, find_m_tile,
+                                        next_pow2, programs_for, swizzle)
 from triton_gg.kernels.tma import descriptor_2d, tma_usable, weights_2d
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _forward_kernel(
     x_ptr, w_ptr, x_desc, w_desc, y_ptr, y_unweighted_ptr, m_sizes_ptr, gather_ptr,
-    topk_weights_ptr, E, N: tl.constexpr, K: tl.constexpr, TOPK, num_programs,
+    topk_weights_ptr, E, M, N: tl.constexpr, K: tl.constexpr, TOPK, num_programs,
     stride_we, stride_wn, stride_wk,
     PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, FUSE_MUL: tl.constexpr,
     STORE_UNWEIGHTED: tl.constexpr, TMA_W: tl.constexpr, TMA_X: tl.constexpr,
@@ -52,8 +52,10 @@ def _forward_kernel(
     WARP_SPECIALIZE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
+    # M: the rows of Y (and of gather, topk_weights; of X unless permute_x). The schedule
+    # never reaches past them, whatever m_sizes holds (``safe_sizes``).
     experts, sizes, tiles, tiles_end, starts, num_m_tiles = expert_tile_table(
-        m_sizes_ptr, E, BLOCK_M, E_POW2)
+        m_sizes_ptr, E, M, BLOCK_M, E_POW2)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     num_tiles = num_m_tiles * num_n_tiles
     ks = tl.arange(0, BLOCK_K)
@@ -67,7 +69,11 @@ def _forward_kernel(
         row_mask = rows < expert_rows
         pos = expert_start + rows  # expert-order positions (int64)
         if PERMUTE_X or PERMUTE_Y or FUSE_MUL:
-            routed = tl.load(gather_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+            # clamped into [0, M): an index outside would address Y (permute_y) or
+            # topk_weights [M] past their ends, or X [M / topk, K] (permute_x) through
+            # index // topk
+            routed = clamp_index(tl.load(gather_ptr + pos, mask=row_mask, other=0), M)
+            routed = routed.to(tl.int64)
         if PERMUTE_X:
             x_rows = routed // TOPK
         else:
@@ -138,7 +144,7 @@ def launch_forward(x, w, m_sizes, gather_indices, topk_weights, y, y_unweighted,
         y, y_unweighted if store_unweighted else y, m_sizes,
         gather_indices if gather_indices is not None else placeholder,
         topk_weights if fuse_mul_post else placeholder,
-        num_experts, n, k, topk, programs, *w.stride(),
+        num_experts, m, n, k, topk, programs, *w.stride(),
         PERMUTE_X=permute_x, PERMUTE_Y=permute_y, FUSE_MUL=fuse_mul_post,
         STORE_UNWEIGHTED=store_unweighted and fuse_mul_post, TMA_W=tma_w, TMA_X=tma_x,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

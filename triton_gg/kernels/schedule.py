@@ -22,19 +22,37 @@ def next_pow2(n: int) -> int:
 
 
 @triton.jit
-def locate_m_tile(tile, m_sizes_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+def safe_sizes(m_sizes_ptr, E, M, E_POW2: tl.constexpr):
+    """(expert ids, row counts (int32), first expert-order row of each expert (int64)) with
+    the routing cut to the M rows that the tensors hold.
+
+    Kernels are memory-safe for any routing values (value checks are off by default): a
+    negative size counts as zero and the experts' row ranges are clipped at M, so no
+    position reaches past the arrays, however wrong m_sizes is (a sum past M, a negative
+    size, int32 sums that would overflow). For valid routing (sizes >= 0, sum <= M) this is
+    the identity. A few vector ops over the experts, once per program."""
+    experts = tl.arange(0, E_POW2)
+    raw = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int64)
+    sizes = tl.maximum(raw, 0)
+    ends = tl.cumsum(sizes, 0)
+    starts = tl.minimum(ends - sizes, M)
+    ends = tl.minimum(ends, M)
+    return experts, (ends - starts).to(tl.int32), starts
+
+
+@triton.jit
+def locate_m_tile(tile, m_sizes_ptr, E, M, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """For M-tile number `tile`: (expert, first expert-order row of the expert, the expert's
     row count, first row of this tile within the expert). expert == E marks a padding tile
-    past the last real one."""
-    experts = tl.arange(0, E_POW2)
-    sizes = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int32)
+    past the last real one. Sizes as ``safe_sizes`` (cut to the M rows of the tensors)."""
+    experts, sizes, starts = safe_sizes(m_sizes_ptr, E, M, E_POW2)
     tiles = (sizes + BLOCK_M - 1) // BLOCK_M
     tiles_end = tl.cumsum(tiles, 0)  # inclusive: tiles of experts 0..e
     expert = tl.sum((tiles_end <= tile).to(tl.int32), 0)
-    before = experts < expert
-    first_tile = tl.sum(tl.where(before, tiles, 0), 0)
-    expert_start = tl.sum(tl.where(before, sizes, 0).to(tl.int64), 0)
-    expert_rows = tl.sum(tl.where(experts == expert, sizes, 0), 0)
+    this = experts == expert
+    first_tile = tl.sum(tl.where(this, tiles_end - tiles, 0), 0)
+    expert_start = tl.sum(tl.where(this, starts, 0), 0)
+    expert_rows = tl.sum(tl.where(this, sizes, 0), 0)
     return expert, expert_start, expert_rows, (tile - first_tile) * BLOCK_M
 
 
@@ -52,16 +70,14 @@ def swizzle(pid, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def expert_tile_table(m_sizes_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+def expert_tile_table(m_sizes_ptr, E, M, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """The per-expert schedule of a persistent kernel, computed once per program: (expert
     ids, row counts, M-tile counts, inclusive tile prefix sums, first expert-order row of
-    each expert (int64), total M-tiles)."""
-    experts = tl.arange(0, E_POW2)
-    sizes = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int32)
+    each expert (int64), total M-tiles). Sizes as ``safe_sizes`` (cut to the M rows of the
+    tensors, so the total is at most cdiv(M, BLOCK_M) + E tiles)."""
+    experts, sizes, starts = safe_sizes(m_sizes_ptr, E, M, E_POW2)
     tiles = (sizes + BLOCK_M - 1) // BLOCK_M
     tiles_end = tl.cumsum(tiles, 0)
-    sizes64 = sizes.to(tl.int64)
-    starts = tl.cumsum(sizes64, 0) - sizes64
     return experts, sizes, tiles, tiles_end, starts, tl.sum(tiles, 0)
 
 
@@ -79,11 +95,24 @@ def find_m_tile(tile, experts, sizes, tiles, tiles_end, starts, BLOCK_M: tl.cons
 
 @triton.jit
 def routed_rows(m_sizes_ptr, E, E_POW2: tl.constexpr):
-    """sum(m_sizes) (int64): expert-order positions at or past it belong to routing slots
-    that were dropped (expert ids outside [0, E): another rank's experts), which no GEMM
-    writes or reads."""
+    """sum(m_sizes) (int64, negative sizes counted as zero): expert-order positions at or
+    past it belong to routing slots that were dropped (expert ids outside [0, E): another
+    rank's experts), which no GEMM writes or reads. Callers also bound it by their row
+    count (m_sizes may overcount when value checks are off)."""
     experts = tl.arange(0, E_POW2)
-    return tl.sum(tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int64), 0)
+    sizes = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int64)
+    return tl.sum(tl.maximum(sizes, 0), 0)
+
+
+@triton.jit
+def clamp_index(index, num_rows):
+    """Gather indices clamped into [0, num_rows). Value checks are off by default, so an
+    index may be anything; a clamped one reads or writes a wrong row of the tensor (wrong
+    numbers, allowed) instead of an address outside it. The identity for valid indices.
+    A min and a max per row, in the index's own dtype (compiled for sm_90, 12 to 80 more
+    PTX instructions per kernel; masking the row off instead took up to 230: the mask
+    travels into every masked load)."""
+    return tl.minimum(tl.maximum(index, 0), num_rows - 1)
 
 
 def programs_for(device, config, element_size: int, stage_elems: int,
