@@ -6,9 +6,10 @@ OUT=${OUT:-/tmp/gg_out}
 mkdir -p "$OUT"
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export GG_CACHE_DIR="$OUT/tuning_cache"
-# Start from the configs tuned in earlier sessions (keys name the card, so another card tunes
-# afresh); what this session tunes comes back in $OUT/tuning_cache.
-mkdir -p "$GG_CACHE_DIR" && cp benchmarks/tuned/tuned_*.json "$GG_CACHE_DIR"/ 2>/dev/null
+# The configs tuned in earlier sessions ship in the package (gg_spec/tuned/, read by the
+# lookup; keys name the card, so another card tunes afresh); what this session tunes comes
+# back in $OUT/tuning_cache.
+mkdir -p "$GG_CACHE_DIR"
 TESTS=${GG_TESTS:-tests}
 KEXPR=${GG_K:-}
 {

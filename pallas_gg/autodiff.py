@@ -28,7 +28,7 @@ from pallas_gg._backend import (pick_lowering, resolve_backend, triton_lowering_
 from pallas_gg.mosaic_lowering import ops as mosaic_lowering
 from pallas_gg._validate import check_routing_values
 from pallas_gg.ops import check_forward_args, config_for
-from pallas_gg.tuning import autotuned_config
+from pallas_gg.tuning import autotuned_config, lookup_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +135,9 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
     has X's shape ([T, K] with permute_x: each token's k routed copies summed). Without
     ``fuse_mul_post`` topk_weights is not read and its gradient is zero.
 
-    Configs left None take the default config, or with ``autotune=True`` the tuned one
-    (``pallas_gg.tune``; on CPU the cached or default config, nothing is timed). An explicit
-    config always wins over autotuning.
+    Configs left None take the cached or shipped one for this card and shape, else the
+    default (``gg_spec.tuning_cache.lookup``), or with ``autotune=True`` the tuned one
+    (``pallas_gg.tune``; on CPU nothing is timed). An explicit config always wins.
     """
     resolve_backend(backend, mosaic_ready=True)
     X, W, m_sizes, gather_indices, topk_weights, dims = check_forward_args(
@@ -160,6 +160,10 @@ def grouped_gemm(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permut
             config = autotuned_config(op, X, W, m_sizes, gather_indices, topk,
                                       topk_weights=topk_weights, fuse_mul_post=fuse_mul_post,
                                       interpret=interpret, **fusions)
+        elif config is None and not mosaic:  # cached, shipped or default (memoised)
+            config = lookup_config(op, num_experts=dims.num_experts, n=dims.n, k=dims.k,
+                                   rows=dims.m, dtype=X.dtype,
+                                   fuse_mul_post=fuse_mul_post and op == "forward", **fusions)
         mul = {"fuse_mul_post": fuse_mul_post} if op == "forward" else {}
         configs[op] = config_for(op, config, mosaic=mosaic, **fusions, **mul)
         lowerings.append(lowering)

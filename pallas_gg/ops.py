@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 import gg_spec
 from gg_spec import checks
+from pallas_gg import tuning
 from pallas_gg._backend import (pick_lowering, resolve_backend, triton_lowering_module,
                                 use_interpreter)
 from pallas_gg.mosaic_lowering import ops as mosaic_lowering
@@ -49,6 +50,17 @@ def check_forward_args(X, W, m_sizes, gather_indices, topk_weights, topk, *, per
                        permute_y, fuse_mul_post):
     """The forward's arguments as arrays, and their Dims (shape checks of gg_spec); shared by
     ``grouped_gemm_forward`` and the differentiable ``grouped_gemm``."""
+def _looked_up(op, config, lowering, dims, dtype, permute_x, permute_y, fuse_mul_post=False):
+    """The given config; else, for the Triton lowering, the cached or shipped one of this
+    card and shape or the default (``tuning.lookup_config``); Mosaic keeps None (its own
+    tiles)."""
+    if config is not None or lowering is mosaic_lowering:
+        return config
+    return tuning.lookup_config(op, num_experts=dims.num_experts, n=dims.n, k=dims.k,
+                                rows=dims.m, dtype=dtype, permute_x=permute_x,
+                                permute_y=permute_y, fuse_mul_post=fuse_mul_post)
+
+
     X, W, m_sizes, gather_indices, topk_weights = map(
         as_array, (X, W, m_sizes, gather_indices, topk_weights))
     info = arg_infos(X=X, W=W, m_sizes=m_sizes, gather_indices=gather_indices,
@@ -80,8 +92,10 @@ def grouped_gemm_forward(X, W, m_sizes, gather_indices, topk, *, permute_x=False
     interpret = use_interpreter(X, W)
     lowering = _lowering(backend, "forward", dims, dtype=X.dtype, config=config,
                          fused=fused, interpret=interpret)
-    config = config_for("forward", config, mosaic=lowering is mosaic_lowering,
-                        permute_x=permute_x, permute_y=permute_y, fuse_mul_post=fuse_mul_post)
+    config = config_for("forward", _looked_up("forward", config, lowering, dims, X.dtype,
+                                              permute_x, permute_y, fuse_mul_post),
+                        mosaic=lowering is mosaic_lowering, permute_x=permute_x,
+                        permute_y=permute_y, fuse_mul_post=fuse_mul_post)
     return lowering.forward(
         X, W, m_sizes, _index_array(gather_indices),
         topk_weights if fuse_mul_post else None, topk=topk, num_rows=dims.m,
@@ -107,8 +121,10 @@ def grouped_gemm_dX(dY, W, m_sizes, gather_indices, topk, *, permute_x=False, pe
     interpret = use_interpreter(dY, W)
     lowering = _lowering(backend, "dX", dims, dtype=dY.dtype, config=config,
                          fused=permute_x or permute_y, interpret=interpret)
-    config = config_for("dX", config, mosaic=lowering is mosaic_lowering,
-                        permute_x=permute_x, permute_y=permute_y)
+    config = config_for("dX", _looked_up("dX", config, lowering, dims, dY.dtype, permute_x,
+                                         permute_y),
+                        mosaic=lowering is mosaic_lowering, permute_x=permute_x,
+                        permute_y=permute_y)
     return lowering.dx(
         dY, W, m_sizes, _index_array(gather_indices), num_rows=dims.m, permute_x=permute_x,
         permute_y=permute_y, config=config, interpret=interpret)
@@ -131,8 +147,10 @@ def grouped_gemm_dW(X, dY, m_sizes, gather_indices, topk, *, permute_x=False, pe
     interpret = use_interpreter(X, dY)
     lowering = _lowering(backend, "dW", dims, dtype=X.dtype, config=config,
                          fused=permute_x or permute_y, interpret=interpret)
-    config = config_for("dW", config, mosaic=lowering is mosaic_lowering,
-                        permute_x=permute_x, permute_y=permute_y)
+    config = config_for("dW", _looked_up("dW", config, lowering, dims, X.dtype, permute_x,
+                                         permute_y),
+                        mosaic=lowering is mosaic_lowering, permute_x=permute_x,
+                        permute_y=permute_y)
     return lowering.dw(
         X, dY, m_sizes, _index_array(gather_indices), topk=topk, permute_x=permute_x,
         permute_y=permute_y, config=config, interpret=interpret)

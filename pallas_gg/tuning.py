@@ -1,9 +1,15 @@
-"""Autotuning: time gg_spec's candidate configs on the GPU and cache the fastest.
+"""Config choice and autotuning: the cached or shipped config of a problem, or time gg_spec's
+candidate configs on the GPU and cache the fastest.
 
-``tune(...)`` tunes the ops of one problem (forward, dX, dW) and records each choice in the
-shared on-disk cache (``gg_spec.tuning_cache``, backend name ``"pallas"``) under
-``gg_spec.tuning_key``; ``grouped_gemm(..., autotune=True)`` reads the cache and tunes on a
-miss. Interpreted runs (no GPU) are never timed: they take the cached or the default config.
+With no config given, every call (``autotune=False``, the default, included) that runs the
+Triton lowering takes ``lookup_config``, i.e. ``gg_spec.tuning_cache.lookup`` with backend
+name ``"pallas"``: the user's cache (exact ``gg_spec.tuning_key``), else the table shipped for
+this card (same op, shape, dtype and fusions, nearest row bucket), else the default config;
+memoised per key. ``tune(...)`` tunes the ops of one problem (forward, dX, dW) and records
+each choice in the user's cache; ``grouped_gemm(..., autotune=True)`` tunes a key that
+neither the cache nor the shipped table holds exactly, one process at a time
+(``tuning_cache.tuning_lock``; the others run the lookup's answer meanwhile). Interpreted runs
+(no GPU) are never timed: they take the lookup's answer.
 """
 
 from __future__ import annotations
@@ -35,15 +41,19 @@ def _key(op, *, num_experts, n, k, rows, dtype, permute_x, permute_y, fuse_mul_p
                               device=device_label())
 
 
-def _cached(op, key, fusions):
-    config = tuning_cache.load(CACHE_BACKEND, key)
-    if config is None or type(config) is not gg_spec.configs.CONFIG_TYPES[op]:
-        return None
-    try:
-        gg_spec.validate(op, config, **fusions)
-    except ValueError:
-        return None
-    return config
+def _cached(op, key, fusions=None):
+    """The config of `key` in the user's cache or the shipped table (exact key, valid for the
+    key's fusions: ``tuning_cache.find``), or None."""
+    return tuning_cache.find(CACHE_BACKEND, key, nearest=False)
+
+
+def lookup_config(op, *, num_experts, n, k, rows, dtype, permute_x, permute_y,
+                  fuse_mul_post=False):
+    """The config of a call that gives none and does not tune (``tuning_cache.lookup``: the
+    user's cache, the shipped table at the nearest row bucket, the default config)."""
+    return tuning_cache.lookup(CACHE_BACKEND, _key(
+        op, num_experts=num_experts, n=n, k=k, rows=rows, dtype=jnp.dtype(dtype).name,
+        permute_x=permute_x, permute_y=permute_y, fuse_mul_post=fuse_mul_post))
 
 
 def _host_ms(fn, iters: int) -> float:
@@ -179,8 +189,10 @@ def _tune_op(op, problem, topk, fusions, fuse_mul_post, *, iters: int, candidate
 
 def autotuned_config(op, X, W, m_sizes, gather_indices, topk, *, permute_x, permute_y,
                      topk_weights, fuse_mul_post, interpret, iters: int = 20):
-    """The cached config of this problem; on a miss the fastest candidate (timed on the GPU
-    and cached) or, when interpreted, the default config."""
+    """The cached (or shipped) config of this problem's exact key; on a miss the fastest
+    candidate (timed on the GPU and cached, by the one process that holds the key's tuning
+    lock) or, when interpreted or while another process tunes the key, ``lookup``'s answer
+    (the shipped table's nearest row bucket, else the default config)."""
     num_experts, n, k = W.shape
     rows = gather_indices.shape[0] if permute_x else X.shape[0]
     fusions = dict(permute_x=permute_x, permute_y=permute_y)
@@ -190,7 +202,7 @@ def autotuned_config(op, X, W, m_sizes, gather_indices, topk, *, permute_x, perm
     if config is not None:
         return config
     if interpret:
-        return gg_spec.default_config(op)
+        return tuning_cache.lookup(CACHE_BACKEND, key)
     # Under jax.jit the arrays are tracers and every jnp op would be staged into the caller's
     # program: time (synthetic stand-ins for the traced arrays) in a thread of its own.
     def measure():
@@ -198,9 +210,15 @@ def autotuned_config(op, X, W, m_sizes, gather_indices, topk, *, permute_x, perm
         return _tune_op(op, problem, topk, fusions, fuse_mul_post and op == "forward",
                         iters=iters)
 
-    config, ms = _outside_any_trace(measure)
-    if ms is not None:
-        tuning_cache.store(CACHE_BACKEND, key, config, ms)
+    with tuning_cache.tuning_lock(CACHE_BACKEND, key) as mine:
+        if not mine:  # another process (or thread) tunes this key now
+            return tuning_cache.lookup(CACHE_BACKEND, key)
+        config = tuning_cache.find(CACHE_BACKEND, key, nearest=False, fresh=True)
+        if config is not None:  # stored by the previous holder of the lock
+            return config
+        config, ms = _outside_any_trace(measure)
+        if ms is not None:
+            tuning_cache.store(CACHE_BACKEND, key, config, ms)
     return config
 
 
@@ -210,9 +228,11 @@ def tune(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permute_y=Fals
     """Tune the configs of one grouped-GEMM problem; returns {op: config}.
 
     Arguments as ``grouped_gemm`` (X [M, K] or [T, K], W [E, N, K], m_sizes [E],
-    gather_indices [M], topk_weights [M]). For each op in ``ops`` the cached choice is
-    returned unless ``force``; otherwise every valid candidate is timed on the GPU and the
-    fastest is cached. Without a GPU nothing is timed: the cached or default config comes back.
+    gather_indices [M], topk_weights [M]). For each op in ``ops`` the cached (or shipped)
+    choice of the exact key is returned unless ``force``; otherwise every valid candidate is
+    timed on the GPU and the fastest is cached (while another process tunes the same key,
+    this waits for it and takes its result). Without a GPU nothing is timed: ``lookup``'s
+    answer comes back (cache, shipped table at the nearest row bucket, default config).
     """
     resolve_backend(backend)
     X, W, m_sizes, gather_indices, topk_weights = map(
@@ -241,14 +261,19 @@ def tune(X, W, m_sizes, gather_indices, topk, *, permute_x=False, permute_y=Fals
                    dtype=jnp.dtype(X.dtype).name, fuse_mul_post=mul, **fusions)
         config = None if force else _cached(op, key, fusions)
         if config is None and interpret:
-            config = gg_spec.default_config(op)
+            config = tuning_cache.lookup(CACHE_BACKEND, key)
         if config is None:
-            if problem is None:
-                problem = _outside_any_trace(lambda: _Problem(
-                    X, W, m_sizes, gather_indices, topk, topk_weights, permute_x))
-            config, ms = _outside_any_trace(
-                lambda: _tune_op(op, problem, topk, fusions, mul, iters=iters))
-            if ms is not None:
-                tuning_cache.store(CACHE_BACKEND, key, config, ms)
+            # waits while another process tunes this key, then takes its result
+            with tuning_cache.tuning_lock(CACHE_BACKEND, key, blocking=True):
+                if not force:
+                    config = tuning_cache.find(CACHE_BACKEND, key, nearest=False, fresh=True)
+                if config is None:
+                    if problem is None:
+                        problem = _outside_any_trace(lambda: _Problem(
+                            X, W, m_sizes, gather_indices, topk, topk_weights, permute_x))
+                    config, ms = _outside_any_trace(
+                        lambda: _tune_op(op, problem, topk, fusions, mul, iters=iters))
+                    if ms is not None:
+                        tuning_cache.store(CACHE_BACKEND, key, config, ms)
         out[op] = config
     return out

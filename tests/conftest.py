@@ -37,6 +37,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_tuning_cache(tmp_path_factory):
+    """The whole session writes and reads tuned configs in a directory of its own, never the
+    user's ~/.cache (tests that need an empty one point GG_CACHE_DIR elsewhere themselves)."""
+    saved = os.environ.get("GG_CACHE_DIR")
+    os.environ["GG_CACHE_DIR"] = str(tmp_path_factory.mktemp("gg_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("GG_CACHE_DIR", None)
+    else:
+        os.environ["GG_CACHE_DIR"] = saved
+
+
 @pytest.fixture
 def rng(request):
     """A fresh generator per test, seeded from the test's name (reproducible, not shared)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gg_spec import DWConfig, DXConfig, ForwardConfig, default_config
+from gg_spec import DWConfig, DXConfig, ForwardConfig
 from triton_gg import _ops, autotune
 from triton_gg import _validate as v
 
@@ -133,14 +133,20 @@ def grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
     if autotune:
         dx_config, dw_config = _backward_configs(dx_config, dw_config, dims, X, W, m_sizes,
                                                  gather_indices, topk, permute_x, permute_y)
-    dx_config = dx_config or default_config("dX")
-    dw_config = dw_config or default_config("dW")
+    dx_config = dx_config or _looked_up("dX", dims, X, permute_x, permute_y)
+    dw_config = dw_config or _looked_up("dW", dims, X, permute_x, permute_y)
     store_unweighted = bool(fuse_mul_post and topk_weights is not None
                             and topk_weights.requires_grad and torch.is_grad_enabled())
     return _ops.grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, topk, permute_x,
                              permute_y, fuse_mul_post, store_unweighted,
                              _ops.encode(forward_config), _ops.encode(dx_config),
                              _ops.encode(dw_config))
+
+
+def _looked_up(op, dims, X, permute_x, permute_y):
+    """The cached, shipped or default config of a backward op (``autotune.lookup``)."""
+    return autotune.lookup(autotune.key_for(op, dims, X.dtype, X.device, permute_x=permute_x,
+                                            permute_y=permute_y))
 
 
 def tuning_probe(shape, like: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,12 @@
-"""Config choice: a given config, the tuned one (autotune=True), or the default.
+"""Config choice: a given config, else the tuned one (``gg_spec.tuning_cache``), else tuning
+(autotune=True), else the default.
+
+With no config given, every call (``autotune=False``, the default, included) takes
+``gg_spec.tuning_cache.lookup``: the user's cache (exact key), else the table shipped for this
+card (same op, shape, dtype and fusions, nearest row bucket), else the default config; the
+answer is memoised per key. With autotune=True a key that neither the cache nor the shipped
+table holds exactly is tuned, by one process at a time (``tuning_cache.tuning_lock``; the
+others run the lookup's answer meanwhile).
 
 The candidates are gg_spec's search space, each also with every legal TMA switch on. Of the
 TMA store switches only dW's is honoured (a dW tile never straddles experts); a forward or
@@ -9,7 +17,8 @@ medians in interleaved rounds of back-to-back calls: ``timing.time_in_rounds``),
 fastest, and caches it in memory and on disk under ``gg_spec.tuning_key`` (E, N, K,
 fusions, dtype, routed-row bucket, device name), so a second process does not tune again.
 Interpreted (CPU) runs do not time anything: their timings say nothing about a GPU, so they
-use a cached choice if one exists, else the default. Under torch.compile tracing, tuning is not possible either: cached or default.
+take the lookup's answer. Under torch.compile tracing, tuning is not possible either: the
+lookup's answer.
 """
 
 from __future__ import annotations
@@ -50,14 +59,25 @@ def key_for(op: str, dims, dtype: torch.dtype, device: torch.device, *, permute_
 _MISSING = object()
 
 
+# Under torch.compile the answers are computed at trace time and enter the graph as
+# constants (dynamo cannot trace the file reads of a first call of a key).
+@torch.compiler.assume_constant_result
 def cached(key: str):
-    """The tuned config for `key` from memory or disk; None if never tuned. The disk is read
-    once per key and process (a miss is remembered too: no file read on every call)."""
+    """The tuned config for `key` (user's cache or shipped table, exact key, valid for the
+    key's fusions) from memory or disk; None if neither holds it. The disk is read once per
+    key and process (a miss is remembered too: no file read on every call)."""
     found = _memory.get(key, _MISSING)
     if found is _MISSING:
-        found = tuning_cache.load(BACKEND, key)
+        found = tuning_cache.find(BACKEND, key, nearest=False)
         _memory[key] = found
     return found
+
+
+@torch.compiler.assume_constant_result
+def lookup(key: str):
+    """The config of a call without one and without tuning: ``tuning_cache.lookup`` (user's
+    cache, shipped table at the nearest row bucket, default), memoised per key."""
+    return tuning_cache.lookup(BACKEND, key)
 
 
 def tune(op: str, key: str, run_with: Callable[[object], object], *, permute_x=False,
@@ -96,15 +116,24 @@ def tune(op: str, key: str, run_with: Callable[[object], object], *, permute_x=F
 def choose(op: str, config, autotune: bool, key_fn: Callable[[], str],
            run_with: Callable[[object], object], device: torch.device, *, permute_x=False,
            permute_y=False):
-    """The config to run: the given one, else tuned/cached with autotune, else default."""
+    """The config to run: the given one; else the cached or shipped one (``lookup``); with
+    autotune a key held by neither is tuned (on a GPU, outside tracing, by the process that
+    gets the key's tuning lock: the others run the lookup's answer for this call)."""
     if config is not None:
         return config
-    if not autotune:
-        return gg_spec.default_config(op)
     key = key_fn()
     found = cached(key)
+    if not autotune:
+        return lookup(key)
     if found is not None:
         return found
     if device.type != "cuda" or torch.compiler.is_compiling():
-        return gg_spec.default_config(op)
-    return tune(op, key, run_with, permute_x=permute_x, permute_y=permute_y)
+        return lookup(key)
+    with tuning_cache.tuning_lock(BACKEND, key) as mine:
+        if not mine:  # another process (or thread) tunes this key now
+            return lookup(key)
+        found = tuning_cache.find(BACKEND, key, nearest=False, fresh=True)
+        if found is not None:  # stored by the previous holder of the lock
+            _memory[key] = found
+            return found
+        return tune(op, key, run_with, permute_x=permute_x, permute_y=permute_y)

@@ -25,7 +25,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from gg_spec import default_config
 from gg_spec import checks
 from gg_spec.checks import routing_trusted
 from triton_gg import _block_ops, _ops, api
@@ -108,9 +107,19 @@ def _first_gemm_configs(x, w1, m_sizes, gather, topk, autotune):
                                       True, False, None, False)
     if autotune:
         dx_cfg, dw_cfg = _unfused_backward_configs(dims, x, w1, m_sizes, gather, topk)
+    dx_key, dw_key = _backward_keys(dims, x)
     return [_ops.encode(c) for c in (forward_cfg,
-                                     dx_cfg or default_config("dX"),
-                                     dw_cfg or default_config("dW"))]
+                                     dx_cfg or autotune_cache.lookup(dx_key),
+                                     dw_cfg or autotune_cache.lookup(dw_key))]
+
+
+def _backward_keys(dims, x):
+    """Tuning keys of the first GEMM's dX and dW as they run (see
+    ``_unfused_backward_configs``)."""
+    plain = dict(permute_x=False, permute_y=False)
+    dw_flags = plain if _ops.dw_gathers_x(x) else dict(permute_x=True, permute_y=False)
+    return (autotune_cache.key_for("dX", dims, x.dtype, x.device, **plain),
+            autotune_cache.key_for("dW", dims, x.dtype, x.device, **dw_flags))
 
 
 def _unfused_backward_configs(dims, x, w1, m_sizes, gather, topk):
@@ -120,12 +129,9 @@ def _unfused_backward_configs(dims, x, w1, m_sizes, gather, topk):
     unfused ones, and a key not yet tuned is tuned here on random operands of the unfused
     shapes (values do not change the speed), not borrowed from the permute_x key (whose
     tile ran 18% slower unfused, benchmarks/NOTES.md step 14)."""
-    plain = dict(permute_x=False, permute_y=False)
-    dw_flags = plain if _ops.dw_gathers_x(x) else dict(permute_x=True, permute_y=False)
-    dx_cfg = autotune_cache.cached(autotune_cache.key_for("dX", dims, x.dtype, x.device,
-                                                          **plain))
-    dw_cfg = autotune_cache.cached(autotune_cache.key_for("dW", dims, x.dtype, x.device,
-                                                          **dw_flags))
+    dx_key, dw_key = _backward_keys(dims, x)
+    dx_cfg = autotune_cache.cached(dx_key)
+    dw_cfg = autotune_cache.cached(dw_key)
     if (dx_cfg and dw_cfg) or not x.is_cuda or torch.compiler.is_compiling():
         return dx_cfg, dw_cfg
     dy = api.tuning_probe((dims.m, dims.n), x)
