@@ -20,6 +20,7 @@ the process; here the kernels run interpreted, so the accesses are made visible:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -342,3 +343,25 @@ def test_pallas_dw(mode, kind, access_log):
                                    a["m_sizes"], None if mode == "plain" else a["gather"],
                                    TOPK, **flags(mode), config=DW, backend="triton")
     check_pallas(dw, access_log, scattered=False, kind=kind)
+
+
+def test_pallas_access_check_sees_out_of_range(access_log):
+    """The check above is not vacuous: a load through rows past the end is recorded, the
+    same load masked to the rows in range is not."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    def kernel(x_ref, o_ref, *, masked):
+        rows = jnp.arange(8, dtype=jnp.int32) + 4   # rows 8..11 are past the end of x [8]
+        ok = rows < 8 if masked else rows >= 0
+        plgpu.store(o_ref.at[jnp.arange(8, dtype=jnp.int32)],
+                    plgpu.load(x_ref.at[rows], mask=ok, other=0))
+
+    for masked, expected in [(True, []), (False, ["load"])]:
+        access_log.clear()
+        call = pl.pallas_call(functools.partial(kernel, masked=masked), interpret=True,
+                              out_shape=jax.ShapeDtypeStruct((8,), jnp.float32))
+        jax.block_until_ready(call(jnp.ones(8, jnp.float32)))
+        assert access_log == expected, (masked, access_log)
