@@ -42,14 +42,6 @@ def config_for(op: str, config, *, mosaic: bool, **fusions):
     return resolve_config(op, config, **fusions)
 
 
-def _index_array(a):
-    return None if a is None else a.astype(jnp.int32)
-
-
-def check_forward_args(X, W, m_sizes, gather_indices, topk_weights, topk, *, permute_x,
-                       permute_y, fuse_mul_post):
-    """The forward's arguments as arrays, and their Dims (shape checks of gg_spec); shared by
-    ``grouped_gemm_forward`` and the differentiable ``grouped_gemm``."""
 def _looked_up(op, config, lowering, dims, dtype, permute_x, permute_y, fuse_mul_post=False):
     """The given config; else, for the Triton lowering, the cached or shipped one of this
     card and shape or the default (``tuning.lookup_config``); Mosaic keeps None (its own
@@ -61,6 +53,14 @@ def _looked_up(op, config, lowering, dims, dtype, permute_x, permute_y, fuse_mul
                                 permute_y=permute_y, fuse_mul_post=fuse_mul_post)
 
 
+def _index_array(a):
+    return None if a is None else a.astype(jnp.int32)
+
+
+def check_forward_args(X, W, m_sizes, gather_indices, topk_weights, topk, *, permute_x,
+                       permute_y, fuse_mul_post):
+    """The forward's arguments as arrays, and their Dims (shape checks of gg_spec); shared by
+    ``grouped_gemm_forward`` and the differentiable ``grouped_gemm``."""
     X, W, m_sizes, gather_indices, topk_weights = map(
         as_array, (X, W, m_sizes, gather_indices, topk_weights))
     info = arg_infos(X=X, W=W, m_sizes=m_sizes, gather_indices=gather_indices,

@@ -122,9 +122,9 @@ def choose(op: str, config, autotune: bool, key_fn: Callable[[], str],
     if config is not None:
         return config
     key = key_fn()
-    found = cached(key)
     if not autotune:
         return lookup(key)
+    found = cached(key)
     if found is not None:
         return found
     if device.type != "cuda" or torch.compiler.is_compiling():
