@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Build ./.venv with Python 3.12 and install this project with its test extras, pinned to the
-# GPU machines' versions (.ci/constraints.txt). Used by the README and by CI (.ci/run).
+# Build a virtual environment with Python 3.12 and install this project with its test extras.
+#   ./setup.sh            ./.venv, pinned to the GPU machines' versions (.ci/constraints.txt).
+#   ./setup.sh --latest   ./.venv-latest, without the pins: pip resolves the newest releases that
+#                         pyproject.toml's ranges allow (what `pip install` gives users).
+# Used by the README and by CI (.ci/run). Prints the versions it installed.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+case "${1:-}" in
+  "")       VENV=.venv;        PINS=(-c .ci/constraints.txt) ;;
+  --latest) VENV=.venv-latest; PINS=() ;;
+  *) echo "usage: $0 [--latest]" >&2; exit 2 ;;
+esac
 
 find_python312() {
   if command -v pyenv >/dev/null 2>&1; then
@@ -21,9 +30,13 @@ PY=$(find_python312) || {
   echo "setup.sh: no Python 3.12 found (tried pyenv and PATH); install one, e.g. 'pyenv install 3.12'" >&2
   exit 1
 }
-echo "setup.sh: $PY ($("$PY" --version))"
-rm -rf .venv
-"$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c .ci/constraints.txt -e ".[test]"
-.venv/bin/python -c "import torch, triton, jax; print('setup.sh: torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__)"
+echo "setup.sh: $PY ($("$PY" --version)) -> $VENV"
+rm -rf "$VENV"
+"$PY" -m venv "$VENV"
+"$VENV"/bin/python -m pip install -q --upgrade pip
+"$VENV"/bin/python -m pip install -q "${PINS[@]}" -e ".[test]"
+"$VENV"/bin/python - <<'PY'
+from importlib.metadata import version
+print("setup.sh:", ", ".join(f"{p} {version(p)}" for p in
+      ("torch", "triton", "jax", "jaxlib", "transformers", "flax", "numpy")))
+PY
