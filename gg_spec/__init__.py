@@ -7,9 +7,10 @@ from here so that a rule lives in one place.
 
 from gg_spec import checks, reference
 from gg_spec.checks import ArgInfo, Dims, set_value_checks, value_checks, value_checks_enabled
-from gg_spec.configs import (AnyConfig, DWConfig, DXConfig, ForwardConfig, config_from_dict,
-                             config_to_dict, default_config, search_space, token_bucket,
-                             tuning_key, valid_candidates, validate)
+from gg_spec.configs import (SHARED_MEMORY_LIMIT, AnyConfig, DWConfig, DXConfig, ForwardConfig,
+                             config_from_dict, config_to_dict, default_config, fits,
+                             search_space, shared_memory_bytes, token_bucket, tuning_key,
+                             valid_candidates, validate)
 from gg_spec.presets import (ANCHOR_SHAPES, PRESETS, REAL_PRESETS, TINY_PRESETS, GemmShape,
                              ModelPreset, get_preset, get_shape)
 from gg_spec.routing import (ROUTING_KINDS, Routing, expert_of_position, expert_offsets,
@@ -20,8 +21,9 @@ __all__ = [
     "ANCHOR_SHAPES", "AnyConfig", "ArgInfo", "DWConfig", "DXConfig", "Dims", "ForwardConfig",
     "GemmShape", "ModelPreset", "PRESETS", "REAL_PRESETS", "ROUTING_KINDS", "Routing",
     "TINY_PRESETS", "TOLERANCES", "checks", "config_from_dict", "config_to_dict",
-    "default_config", "expert_of_position", "expert_offsets", "get_preset", "get_shape",
-    "make_routing", "make_topk_ids", "max_abs_error", "reference", "rel_error", "route",
-    "search_space", "set_value_checks", "token_bucket", "tolerance", "tuning_key",
+    "SHARED_MEMORY_LIMIT", "default_config", "expert_of_position", "expert_offsets", "fits",
+    "get_preset", "get_shape", "make_routing", "make_topk_ids", "max_abs_error", "reference",
+    "rel_error", "route", "search_space", "set_value_checks", "shared_memory_bytes",
+    "token_bucket", "tolerance", "tuning_key",
     "valid_candidates", "validate", "value_checks", "value_checks_enabled",
 ]

@@ -90,11 +90,15 @@ OPS = tuple(CONFIG_TYPES)
 
 
 def validate(op: str, config: AnyConfig, *, permute_x: bool = False, permute_y: bool = False,
-             fuse_mul_post: bool = False, is_first_gemm: bool | None = None) -> None:
+             fuse_mul_post: bool = False, is_first_gemm: bool | None = None,
+             dtype: str | None = None, limit: int | None = None) -> None:
     """Refuse a combination that cannot work, with a ValueError that names the conflict.
 
     ``op`` is ``"forward"``, ``"dX"`` or ``"dW"``. ``is_first_gemm`` (when known) enforces
     that permute_x belongs to the first GEMM of the MoE MLP and permute_y to the second.
+    With ``dtype`` (the operands' dtype name: "bfloat16", "float16", "float32") a config
+    whose triton_gg program needs more shared memory than ``limit`` (default
+    ``SHARED_MEMORY_LIMIT``) is refused too (``shared_memory_bytes``).
     """
     if op not in CONFIG_TYPES:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -122,6 +126,15 @@ def validate(op: str, config: AnyConfig, *, permute_x: bool = False, permute_y: 
             raise ValueError(f"{expected.__name__}.{field}=True conflicts with "
                              f"{'permute_x' if permute_x else 'permute_y'}: {operand} is "
                              f"scattered row by row, which a TMA tile store cannot do")
+    if dtype is not None:
+        limit = SHARED_MEMORY_LIMIT if limit is None else limit
+        needed = shared_memory_bytes(op, config, dtype)
+        if needed > limit:
+            raise ValueError(
+                f"{config!r} needs about {needed} bytes of shared memory per program for "
+                f"{dtype} operands, over the limit of {limit} bytes (Hopper: 227 KB per "
+                f"block); take fewer num_stages or smaller block sizes "
+                f"(gg_spec.default_config({op!r}, {dtype!r}) fits)")
 
 
 # config field -> the operand it moves, per op
@@ -161,8 +174,118 @@ def _validate_tiles(config: AnyConfig) -> None:
 # benchmarks/NOTES.md for the measurements behind them); the search spaces are what
 # autotuning tries, filtered by `validate` for the fusions at hand.
 
-def default_config(op: str) -> AnyConfig:
-    return CONFIG_TYPES[op]()
+# ---------------------------------------------------------------------------- shared memory
+
+# Bytes of shared memory one thread block may use on Hopper (sm_90, H100 / H200) with the
+# opt-in attribute: 227 KB = 232448 bytes (CUDA C++ Programming Guide, "Technical
+# Specifications per Compute Capability": maximum shared memory per thread block 227 KB for
+# compute capability 9.0; cudaDevAttrMaxSharedMemoryPerBlockOptin reads 232448 on the H200,
+# and Triton's OutOfResources message quotes it as the "Hardware limit").
+SHARED_MEMORY_LIMIT = 232448
+
+ELEMENT_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPES = tuple(ELEMENT_SIZES)
+
+
+def dtype_name(dtype) -> str:
+    """"float32" / "bfloat16" / "float16" from a name, a torch or numpy dtype ("torch.float32"
+    is accepted) or a JAX dtype; ValueError for anything else."""
+    name = getattr(dtype, "name", None)
+    if not isinstance(name, str) and isinstance(dtype, type):  # jnp.float32, np.float32
+        name = dtype.__name__
+    if not isinstance(name, str):  # torch.dtype has no .name; str() is "torch.float32"
+        name = str(dtype)
+    name = name.replace("torch.", "")
+    if name not in ELEMENT_SIZES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return name
+
+
+def _tiles(op: str, config: AnyConfig) -> tuple[int, int, int]:
+    """Elements of (first operand tile, second operand tile, output tile) of one step."""
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    if op == "forward":  # X [bm, bk], W [bn, bk] -> Y [bm, bn]
+        return bm * bk, bn * bk, bm * bn
+    if op == "dX":       # dY [bm, bn], W [bn, bk] -> dX [bm, bk]
+        return bm * bn, bn * bk, bm * bk
+    if op == "dW":       # dY [bm, bn], X [bm, bk] -> dW [bn, bk]
+        return bm * bn, bm * bk, bn * bk
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+def shared_memory_bytes(op: str, config: AnyConfig, dtype="bfloat16") -> int:
+    """An upper estimate of the shared memory (bytes) one triton_gg program of ``op`` takes
+    with ``config`` on Hopper for operands of ``dtype`` (Triton 3.6, sm_90).
+
+    Calibrated against ``compiled.metadata.shared`` of the kernels compiled for sm_90
+    (``triton_gg.kernels.compile_sm90``; ``tests/test_compile_sm90.py`` checks that it is
+    never below the real value for the search space, defaults and shipped configs):
+
+    * operand buffers: ``buffers x (A tile + B tile) x element size``. bf16 / fp16 dots run
+      on wgmma, which reads its operands from shared memory: ``num_stages`` buffers. fp32
+      dots run in IEEE precision on the FMA units (no tensor cores), where Triton's
+      pipeliner keeps ``num_stages - 1`` buffers in flight (at least one).
+    * one mbarrier (8 bytes) per buffer (TMA loads).
+    * forward: its tile loop and K loop are one flattened loop, so the buffers stay live
+      through the epilogue, whose register-layout conversion of the output tile takes a
+      scratch buffer of its own: at most the whole output tile in the output dtype. In fp32
+      the FMA dot stages the transposed W tile in shared memory (one B tile) in the space of
+      the conversion (never live at once; the conversion of an fp32 blocked tile measured a
+      quarter of the tile at most): the larger of the two is counted.
+    * dW with ``tma_store_dw``: the output tile staged for the TMA store.
+    * dX, and dW's epilogue otherwise: the conversion reuses the dead operand buffers.
+    """
+    dtype = dtype_name(dtype)
+    elem = ELEMENT_SIZES[dtype]
+    a, b, out = _tiles(op, config)
+    mma = dtype != "float32"
+    buffers = config.num_stages if mma else max(1, config.num_stages - 1)
+    total = buffers * ((a + b) * elem + 8)
+    if op == "forward":
+        total += out * elem if mma else max(b, out // 4) * elem
+    elif op == "dW" and config.tma_store_dw:
+        total += out * elem
+    return total
+
+
+def fits(op: str, config: AnyConfig, dtype="bfloat16", limit: int | None = None) -> bool:
+    """Whether ``config`` fits the shared memory of one thread block (``limit``, default
+    ``SHARED_MEMORY_LIMIT``) for ``dtype`` operands (``shared_memory_bytes``)."""
+    limit = SHARED_MEMORY_LIMIT if limit is None else limit
+    return shared_memory_bytes(op, config, dtype) <= limit
+
+
+def _shrunk(config: AnyConfig):
+    """Smaller variants of a config, in the order ``default_config`` tries them: the same
+    tile with fewer stages (down to 2), then block_k halved (down to 32) at each stage
+    count, then block_n, then block_m halved (down to 64)."""
+    tiles = [config]
+    for field, floor in (("block_k", 32), ("block_n", 64), ("block_m", 64)):
+        more = []
+        for tile in tiles:
+            while getattr(tile, field) // 2 >= floor:
+                tile = tile.replace(**{field: getattr(tile, field) // 2})
+                more.append(tile)
+        tiles += more
+    for tile in tiles:
+        for stages in range(config.num_stages, 1, -1):
+            yield tile.replace(num_stages=stages)
+
+
+def default_config(op: str, dtype=None) -> AnyConfig:
+    """The default config of ``op``; with ``dtype`` one that fits Hopper's shared memory for
+    operands of that dtype: the default itself where it fits (bf16 and fp16 always, and
+    fp32 for dX and dW), else the first fitting of ``_shrunk``."""
+    if op not in CONFIG_TYPES:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    config = CONFIG_TYPES[op]()
+    if dtype is None:
+        return config
+    dtype = dtype_name(dtype)
+    for candidate in _shrunk(config):
+        if fits(op, candidate, dtype):
+            return candidate
+    raise AssertionError(f"no {op} config fits {dtype}")  # unreachable for the defaults
 
 
 # (block_m, block_n, block_k, num_warps, num_stages) candidates per op: tile shapes that keep
@@ -219,9 +342,11 @@ def with_legal_tma(op: str, config: AnyConfig, *, permute_x: bool = False,
 
 
 def valid_candidates(op: str, *, permute_x: bool = False, permute_y: bool = False,
-                     with_tma: bool = False) -> list[AnyConfig]:
+                     with_tma: bool = False, dtype=None) -> list[AnyConfig]:
     """The search space for these fusions; with_tma adds each candidate with every legal
-    TMA switch on."""
+    TMA switch on. With ``dtype``, candidates that do not fit Hopper's shared memory for
+    that dtype are left out, and the fitting default of the dtype joins where no
+    candidate remains."""
     candidates = search_space(op)
     if with_tma:
         candidates = candidates + [with_legal_tma(op, c, permute_x=permute_x,
@@ -229,11 +354,13 @@ def valid_candidates(op: str, *, permute_x: bool = False, permute_y: bool = Fals
     out = []
     for config in candidates:
         try:
-            validate(op, config, permute_x=permute_x, permute_y=permute_y)
+            validate(op, config, permute_x=permute_x, permute_y=permute_y, dtype=dtype)
         except ValueError:
             continue
         if config not in out:  # e.g. a store-only entry with every switch turned on
             out.append(config)
+    if not out and dtype is not None:
+        out.append(default_config(op, dtype))
     return out
 
 
@@ -252,6 +379,12 @@ def tuning_key(op: str, *, num_experts: int, n: int, k: int, rows: int, dtype: s
     product name with spaces as underscores ("NVIDIA_H200"), or "cpu"."""
     return (f"{op}|E={num_experts}|N={n}|K={k}|rows~{token_bucket(rows)}|{dtype}"
             f"|px={int(permute_x)}|py={int(permute_y)}|mul={int(fuse_mul_post)}|{device}")
+
+
+def key_dtype(key: str) -> str | None:
+    """The dtype name field of a ``tuning_key`` (None if `key` is not one)."""
+    fields = key.split("|")
+    return fields[5] if len(fields) > 5 and fields[5] in ELEMENT_SIZES else None
 
 
 def config_to_dict(config: AnyConfig) -> dict:

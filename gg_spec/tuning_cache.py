@@ -40,7 +40,7 @@ from importlib import resources
 from pathlib import Path
 
 from gg_spec.configs import (CONFIG_TYPES, AnyConfig, config_from_dict, config_to_dict,
-                             default_config, validate)
+                             default_config, key_dtype, validate)
 
 try:
     import fcntl
@@ -291,7 +291,7 @@ def lookup(backend: str, key: str) -> AnyConfig:
         return found
     fields = parse_key(key)
     op = fields["op"] if fields is not None else key.split("|", 1)[0]
-    return default_config(op)
+    return default_config(op, key_dtype(key))  # one that fits shared memory for the dtype
 
 
 def clear_memo() -> None:

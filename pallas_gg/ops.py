@@ -26,12 +26,20 @@ def _lowering(backend: str, op: str, dims, *, dtype, fused: bool, config, interp
 from pallas_gg._validate import arg_infos, as_array, check_routing_values
 
 
-def resolve_config(op: str, config, **fusions):
-    """The config to run (the default for ``op`` when None), refused by gg_spec.validate when
-    it conflicts with the fusions."""
-    config = gg_spec.default_config(op) if config is None else config
+def resolve_config(op: str, config, *, dtype=None, **fusions):
+    """The config to run (the default for ``op`` when None: with ``dtype``, one that fits
+    shared memory for it), refused by gg_spec.validate when it conflicts with the fusions."""
+    config = gg_spec.default_config(op, _dtype_name(dtype)) if config is None else config
     gg_spec.validate(op, config, **fusions)
     return config
+
+
+def _dtype_name(dtype):
+    """gg_spec's name of a floating dtype it sizes configs for; None for any other."""
+    if dtype is None:
+        return None
+    name = jnp.dtype(dtype).name
+    return name if name in gg_spec.configs.ELEMENT_SIZES else None
 
 
 def config_for(op: str, config, *, mosaic: bool, **fusions):

@@ -116,7 +116,8 @@ def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=Non
         if smallest < 0 or total > lhs.shape[0]:
             raise ValueError(f"group_sizes must be non-negative with sum <= M={lhs.shape[0]}, "
                              f"got sum {total} and minimum {smallest}")
-    static = _Static(out_dtype, resolve_config("dX", config),
-                     resolve_config("forward", grad_lhs_config),
-                     resolve_config("dW", grad_rhs_config), use_interpreter(lhs, rhs))
+    static = _Static(out_dtype, resolve_config("dX", config, dtype=dtype),
+                     resolve_config("forward", grad_lhs_config, dtype=dtype),
+                     resolve_config("dW", grad_rhs_config, dtype=dtype),
+                     use_interpreter(lhs, rhs))
     return _ragged_dot(static, lhs, rhs, group_sizes.astype(jnp.int32))

@@ -170,8 +170,11 @@ def _tune_op(op, problem, topk, fusions, fuse_mul_post, *, iters: int, candidate
     timed in interleaved, rotated rounds (``gg_spec.rounds``: every candidate in the same
     clock state) by its kernels' device time; candidates that fail to compile (e.g. too
     much shared memory) are skipped. The search-space order breaks ties."""
+    dtype = jnp.dtype(problem.x.dtype).name  # candidates that fit shared memory for it
+    if dtype not in gg_spec.configs.ELEMENT_SIZES:
+        dtype = None
     if candidates is None:
-        candidates = _honoured(gg_spec.valid_candidates(op, **fusions))
+        candidates = _honoured(gg_spec.valid_candidates(op, dtype=dtype, **fusions))
     timer = _host_ms if interpret else _kernel_ms
     measured = gg_spec.rounds.time_in_rounds(
         {config: _launcher(op, problem, topk, fusions, fuse_mul_post, config, interpret)
@@ -183,7 +186,7 @@ def _tune_op(op, problem, topk, fusions, fuse_mul_post, *, iters: int, candidate
         if ms is not None and not isinstance(ms, BaseException) and ms < best_ms:
             best, best_ms = config, ms
     if best is None:
-        return gg_spec.default_config(op), None
+        return gg_spec.default_config(op, dtype), None
     return best, best_ms
 
 

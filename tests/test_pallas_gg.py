@@ -607,7 +607,9 @@ def test_tune_on_cpu_times_nothing_and_returns_defaults(second_gemm, monkeypatch
     p = second_gemm
     monkeypatch.setattr(tuning, "_tune_op", lambda *a, **k: pytest.fail("timed on CPU"))
     configs = pallas_gg.tune(p.x, p.w, p.m_sizes, p.gather, 2)
-    assert configs == {op: gg_spec.default_config(op) for op in ("forward", "dX", "dW")}
+    # the defaults that fit shared memory for the dtype (fp32: the forward's fewer stages)
+    assert configs == {op: gg_spec.default_config(op, p.x.dtype.name)
+                       for op in ("forward", "dX", "dW")}
     assert not tuning_cache.cache_path("pallas").exists()
 
 

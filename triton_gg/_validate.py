@@ -44,9 +44,13 @@ def check_values(dims, m_sizes: torch.Tensor, gather: torch.Tensor | None) -> No
     checks.check_values(dims, *values[:2], *(values[2:] if has_gather else (None, None)))
 
 
-def check_config(op, config, *, permute_x, permute_y, fuse_mul_post=False):
+def check_config(op, config, *, permute_x, permute_y, fuse_mul_post=False, dtype=None):
+    """gg_spec.validate; with ``dtype`` (the operands' torch dtype) a config that cannot fit
+    Hopper's shared memory for it is refused too (before any compile or launch; also on
+    CPU, where the interpreter would run it: the same call must not fail on the GPU)."""
     gg_spec.validate(op, config, permute_x=permute_x, permute_y=permute_y,
-                     fuse_mul_post=fuse_mul_post)
+                     fuse_mul_post=fuse_mul_post,
+                     dtype=None if dtype is None else gg_spec.configs.dtype_name(dtype))
 
 
 def _finish(op, dims, first, first_name, m_sizes, gather, config, *, permute_x, permute_y,
@@ -56,7 +60,7 @@ def _finish(op, dims, first, first_name, m_sizes, gather, config, *, permute_x, 
     check_device(first, first_name)
     if config is not None:
         check_config(op, config, permute_x=permute_x, permute_y=permute_y,
-                     fuse_mul_post=fuse_mul_post)
+                     fuse_mul_post=fuse_mul_post, dtype=first.dtype)
     uses_gather = permute_x or permute_y or fuse_mul_post
     check_values(dims, m_sizes, gather if uses_gather else None)
     return dims

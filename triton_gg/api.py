@@ -126,7 +126,7 @@ def grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor,
                            fuse_mul_post=fuse_mul_post, config=forward_config)
     for op, cfg in (("dX", dx_config), ("dW", dw_config)):
         if cfg is not None:
-            v.check_config(op, cfg, permute_x=permute_x, permute_y=permute_y)
+            v.check_config(op, cfg, permute_x=permute_x, permute_y=permute_y, dtype=X.dtype)
     forward_config = _forward_config(forward_config, autotune, dims, X, W, m_sizes,
                                      gather_indices, topk, permute_x, permute_y, topk_weights,
                                      fuse_mul_post)

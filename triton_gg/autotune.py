@@ -90,8 +90,9 @@ def tune(op: str, key: str, run_with: Callable[[object], object], *, permute_x=F
     is left out, since tuning runs inside a user's first call and must not end it.
     `timer(fn) -> ms`, where given, times them one by one instead (tests pass a fake
     one)."""
+    dtype = gg_spec.configs.key_dtype(key)  # candidates that fit shared memory for it
     candidates = gg_spec.valid_candidates(op, permute_x=permute_x, permute_y=permute_y,
-                                          with_tma=True)
+                                          with_tma=True, dtype=dtype)
     if timer is None:
         measured = time_in_rounds({c: functools.partial(run_with, c) for c in candidates})
         times = {c: ms for c, ms in measured.items() if not isinstance(ms, Exception)}
@@ -107,7 +108,7 @@ def tune(op: str, key: str, run_with: Callable[[object], object], *, permute_x=F
         if times.get(config, math.inf) < best_ms:
             best, best_ms = config, times[config]
     if best is None:
-        best = gg_spec.default_config(op)
+        best = gg_spec.default_config(op, dtype)
     _memory[key] = best
     tuning_cache.store(BACKEND, key, best, None if math.isinf(best_ms) else best_ms)
     return best

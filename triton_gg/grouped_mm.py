@@ -48,8 +48,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *,
                                 fuse_mul_post=False)
     _validate.check_device(a, "a")
     _validate.check_values(dims, m_sizes, None)
-    configs = [c or default_config(op) for c, op in
+    configs = [c or default_config(op, a.dtype) for c, op in
                ((forward_config, "forward"), (dx_config, "dX"), (dw_config, "dW"))]
     for cfg, op in zip(configs, ("forward", "dX", "dW")):
-        _validate.check_config(op, cfg, permute_x=False, permute_y=False)
+        _validate.check_config(op, cfg, permute_x=False, permute_y=False, dtype=a.dtype)
     return _ops.grouped_mm(a, b, m_sizes, *[_ops.encode(c) for c in configs])
