@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from gg_spec import DWConfig, DXConfig, ForwardConfig, default_config
-from gg_spec.checks import ArgInfo
-from triton_gg import _ops, _validate
+from gg_spec import DWConfig, DXConfig, ForwardConfig
+from gg_spec.checks import ArgInfo, Dims
+from triton_gg import _ops, _validate, autotune
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *,
@@ -48,8 +48,14 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *,
                                 fuse_mul_post=False)
     _validate.check_device(a, "a")
     _validate.check_values(dims, m_sizes, None)
-    configs = [c or default_config(op, a.dtype) for c, op in
-               ((forward_config, "forward"), (dx_config, "dX"), (dw_config, "dW"))]
+    # configs as grouped_gemm picks them (user's cache, shipped table for this card, default);
+    # the weight gradient runs the dW kernel with the operands' roles swapped (_ops), so its
+    # key has N and K swapped
+    e, n, k, m = dims.num_experts, dims.n, dims.k, dims.m
+    keys = {"forward": dims, "dX": dims, "dW": Dims(e, k, n, m, m, m)}
+    given = {"forward": forward_config, "dX": dx_config, "dW": dw_config}
+    configs = [given[op] or autotune.lookup(autotune.key_for(op, keys[op], a.dtype, a.device))
+               for op in ("forward", "dX", "dW")]
     for cfg, op in zip(configs, ("forward", "dX", "dW")):
         _validate.check_config(op, cfg, permute_x=False, permute_y=False, dtype=a.dtype)
     return _ops.grouped_mm(a, b, m_sizes, *[_ops.encode(c) for c in configs])
