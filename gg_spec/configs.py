@@ -232,7 +232,8 @@ def shared_memory_bytes(op: str, config: AnyConfig, dtype="bfloat16") -> int:
       the FMA dot stages the transposed W tile in shared memory (one B tile) in the space of
       the conversion (never live at once; the conversion of an fp32 blocked tile measured a
       quarter of the tile at most): the larger of the two is counted.
-    * dW with ``tma_store_dw``: the output tile staged for the TMA store.
+    * dW with ``tma_store_dw``: the output tile staged for the TMA store; in fp32 with
+      ``tma_load_dy`` also the transposed dY tile the FMA dot reads.
     * dX, and dW's epilogue otherwise: the conversion reuses the dead operand buffers.
     """
     dtype = dtype_name(dtype)
@@ -243,8 +244,11 @@ def shared_memory_bytes(op: str, config: AnyConfig, dtype="bfloat16") -> int:
     total = buffers * ((a + b) * elem + 8)
     if op == "forward":
         total += out * elem if mma else max(b, out // 4) * elem
-    elif op == "dW" and config.tma_store_dw:
-        total += out * elem
+    elif op == "dW":
+        if config.tma_store_dw:
+            total += out * elem
+        if not mma and config.tma_load_dy:  # the FMA dot stages the TMA tile of dY^T
+            total += a * elem
     return total
 
 

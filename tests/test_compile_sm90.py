@@ -76,6 +76,10 @@ def _cases() -> list[dict]:
             # fp16 lays out as bf16: its plain kernel stands for the fusions
             for fusion, flags in FUSIONS[op][:1] if dtype == "float16" else FUSIONS[op]:
                 add("default", op, config, dtype, fusion, flags)
+        # a user's default with every TMA switch on (fp32 dW stages dY^T for a TMA dY)
+        for dtype in ("bfloat16", "float32"):
+            add("tma", op, C.with_legal_tma(op, gg_spec.default_config(op, dtype)), dtype,
+                "plain", {})
     for key, entry in sorted(_shipped_table().items()):
         op, dtype = key.split("|", 1)[0], C.key_dtype(key)
         if op not in C.OPS or dtype is None:
