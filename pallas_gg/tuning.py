@@ -26,8 +26,8 @@ import numpy as np
 import gg_spec
 import gg_spec.rounds
 from gg_spec import checks, tuning_cache
-from pallas_gg import triton_lowering
-from pallas_gg._backend import device_label, resolve_backend, use_interpreter
+from pallas_gg._backend import (device_label, resolve_backend, triton_lowering_module,
+                                use_interpreter)
 from pallas_gg._validate import arg_infos, as_array, check_routing_values, is_traced
 
 CACHE_BACKEND = "pallas"
@@ -137,6 +137,7 @@ class _Launch:
 def _launcher(op, problem, topk, fusions, fuse_mul_post, config, interpret=False):
     p = problem
     px, py = fusions["permute_x"], fusions["permute_y"]
+    triton_lowering = triton_lowering_module()  # imported on first use: a JAX may lack it
     if op == "forward":
         return _Launch(lambda x, w, ms, g, weights: triton_lowering.forward(
             x, w, ms, g, weights, topk=topk, num_rows=p.rows, permute_x=px, permute_y=py,
