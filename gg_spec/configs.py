@@ -276,16 +276,31 @@ def _shrunk(config: AnyConfig):
             yield tile.replace(num_stages=stages)
 
 
+# float32 defaults. IEEE fp32 dots run on the FMA units, not the tensor cores, and there the
+# 2-byte defaults' large tiles ran at 0.14-0.4 TFLOP/s on an H200 (register-bound), small
+# tiles 6-18 (``python -m benchmarks.fp32_probe --sweep``, Qwen3-30B-A3B gate_up, T = 512,
+# 2026-12-02): forward 32x128x32 on 4 warps 6.0 TFLOP/s (the 2-byte tile at 2 stages:
+# 0.14), dX 32x64x32 11.2 (0.16), dW 32x128x32 18.0 (10.9).
+_FP32_DEFAULTS = {
+    "forward": ForwardConfig(block_m=32, block_n=128, block_k=32, num_warps=4, num_stages=3),
+    "dX": DXConfig(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=3),
+    "dW": DWConfig(block_m=32, block_n=128, block_k=32, num_warps=4, num_stages=3),
+}
+
+
 def default_config(op: str, dtype=None) -> AnyConfig:
-    """The default config of ``op``; with ``dtype`` one that fits Hopper's shared memory for
-    operands of that dtype: the default itself where it fits (bf16 and fp16 always, and
-    fp32 for dX and dW), else the first fitting of ``_shrunk``."""
+    """The default config of ``op``; with ``dtype`` one for operands of that dtype that fits
+    Hopper's shared memory: the default itself for bf16 and fp16, small FMA-friendly tiles
+    for fp32 (``_FP32_DEFAULTS``), and where a default does not fit, the first fitting of
+    ``_shrunk``."""
     if op not in CONFIG_TYPES:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     config = CONFIG_TYPES[op]()
     if dtype is None:
         return config
     dtype = dtype_name(dtype)
+    if dtype == "float32":
+        config = _FP32_DEFAULTS[op]
     for candidate in _shrunk(config):
         if fits(op, candidate, dtype):
             return candidate
@@ -352,6 +367,8 @@ def valid_candidates(op: str, *, permute_x: bool = False, permute_y: bool = Fals
     that dtype are left out, and the fitting default of the dtype joins where no
     candidate remains."""
     candidates = search_space(op)
+    if dtype is not None and dtype_name(dtype) == "float32":
+        candidates = [_FP32_DEFAULTS[op]] + candidates  # the FMA tile, tried first
     if with_tma:
         candidates = candidates + [with_legal_tma(op, c, permute_x=permute_x,
                                                   permute_y=permute_y) for c in candidates]

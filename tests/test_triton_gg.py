@@ -401,7 +401,7 @@ def _plain_inputs():
     (lambda i: dict(config=gg_spec.DXConfig()), r"ForwardConfig"),
     (lambda i: dict(topk=0), r"topk must be a positive int"),
 ])
-def test_forward_validation(mutate, match):
+def test_forward_validation(mutate, match, value_checks_on):
     inp = _plain_inputs()
     args = dict(X=inp.x, W=inp.w, m_sizes=inp.m_sizes, gather_indices=inp.gather,
                 topk=inp.case.topk)
