@@ -199,7 +199,8 @@ def _usable(config: AnyConfig | None, op: str, fields: dict | None,
     flags = {}
     if fields is not None:
         flags = dict(permute_x=bool(fields["px"]), permute_y=bool(fields["py"]),
-                     fuse_mul_post=bool(fields["mul"]) and op == "forward")
+                     fuse_mul_post=bool(fields["mul"]) and op == "forward",
+                     dtype=dtype)   # and it fits shared memory for the dtype (if known)
     try:
         validate(op, config, **flags)
     except ValueError:
@@ -274,7 +275,7 @@ def find(backend: str, key: str, *, nearest: bool = True,
     fields = parse_key(key)
     op = fields["op"] if fields is not None else key.split("|", 1)[0]
     found = _entry_config(_read(cache_path(backend)).get(key))
-    if not _usable(found, op, fields, None):
+    if not _usable(found, op, fields, key_dtype(key)):
         found = None
         if fields is not None:
             found = _shipped(backend, op, fields, nearest)

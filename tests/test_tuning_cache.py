@@ -399,6 +399,6 @@ def test_pallas_two_tuners_of_one_key(monkeypatch):
     waited = time.monotonic() - start
     tuner.join(30)
     assert len(calls) == 1
-    assert results == {"tuner": tuned, "other": gg_spec.default_config("dX")}
+    assert results == {"tuner": tuned, "other": gg_spec.default_config("dX", "float32")}
     assert waited < 1.0
     assert choose() == tuned
