@@ -239,22 +239,34 @@ _CORRUPT = {
 }
 
 
-def _run_script(script: str):
-    env = dict(os.environ, GG_VALUE_CHECKS="0", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+def _run_script(script: str, tmp_dir: str):
+    # the subprocesses share compiled kernels: Triton's cache is on disk already; JAX's
+    # persistent cache is switched on for every size of entry
+    env = dict(os.environ, GG_VALUE_CHECKS="0", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               JAX_COMPILATION_CACHE_DIR=os.path.join(tmp_dir, "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def shared_tmp(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bad_routing"))
+
+
 @pytest.mark.parametrize("kind", BAD_ROUTING)
-def test_bad_routing_never_an_illegal_address_torch(kind):
+def test_bad_routing_never_an_illegal_address_torch(kind, shared_tmp):
     done = _run_script(textwrap.dedent(_TORCH_SCRIPT).format(kind=kind,
-                                                             corrupt=_CORRUPT[kind]))
+                                                             corrupt=_CORRUPT[kind]),
+                       shared_tmp)
     assert done.returncode == 0 and f"SURVIVED {kind}" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("kind", BAD_ROUTING)
-def test_bad_routing_never_an_illegal_address_jax(kind):
+def test_bad_routing_never_an_illegal_address_jax(kind, shared_tmp):
     pytest.importorskip("jax")
-    done = _run_script(textwrap.dedent(_JAX_SCRIPT).format(kind=kind, corrupt=_CORRUPT[kind]))
+    done = _run_script(textwrap.dedent(_JAX_SCRIPT).format(kind=kind, corrupt=_CORRUPT[kind]),
+                       shared_tmp)
     assert done.returncode == 0 and f"SURVIVED {kind}" in done.stdout, done.stderr[-3000:]
