@@ -163,6 +163,13 @@ def _(x, dy, m_sizes, gather_indices, topk, permute_x, permute_y, config, transp
 
 # ---------------------------------------------------------------------------- autograd
 
+def in_range(gather: torch.Tensor, rows: int) -> torch.Tensor:
+    """The gather indices as int64, clamped into [0, rows): torch's own indexing of a bad
+    index is a device-side assert that ends the process, the kernels' a wrong row (the
+    contract: wrong routing values give wrong numbers, never an access outside a tensor)."""
+    return gather.long().clamp(0, max(rows - 1, 0))
+
+
 def dw_gathers_x(x: torch.Tensor) -> bool:
     """Does ``dw_with_gather`` copy a token-order X into expert order first (and run dW
     unfused)? On a GPU, yes; the interpreter keeps the fused gather (it measures nothing)."""
@@ -175,7 +182,8 @@ def dw_with_gather(run_dw, x, dy, m_sizes, gather, topk, permute_x, permute_y, c
     at 0.64x of contiguous ones on the H200 (1.51 vs 0.96 ms, Qwen3-30B-A3B gate_up at
     T=8192), more than the copy costs. The copy lives only for this call."""
     if permute_x and dw_gathers_x(x):
-        x = x.index_select(0, torch.div(gather, topk, rounding_mode="floor").long())
+        x = x.index_select(0, torch.div(in_range(gather, x.shape[0] * topk), topk,
+                                        rounding_mode="floor"))
         permute_x = False
     return run_dw(x, dy, m_sizes, gather, topk, permute_x, permute_y, config, False)
 
@@ -202,7 +210,8 @@ def _backward(ctx, grad_y, _grad_y_unweighted, *, run_dx=dx_op, run_dw=dw_op):
     d_weights = None
     if ctx.fuse_mul_post:
         # Y[row] = s(row) * Y_unweighted[row]: the weight of each row of Y, in Y's row order
-        row_scale = topk_weights if ctx.permute_y else topk_weights[gather.long()]
+        rows = None if ctx.permute_y else in_range(gather, topk_weights.shape[0])
+        row_scale = topk_weights if ctx.permute_y else topk_weights[rows]
         if need_weights:
             if y_unweighted is None:
                 raise RuntimeError("topk_weights needs a gradient, but the forward did not "
@@ -213,7 +222,7 @@ def _backward(ctx, grad_y, _grad_y_unweighted, *, run_dx=dx_op, run_dw=dw_op):
                 d_weights = per_row.to(topk_weights.dtype)
             else:
                 d_weights = torch.zeros_like(topk_weights).index_copy(
-                    0, gather.long(), per_row.to(topk_weights.dtype))
+                    0, rows, per_row.to(topk_weights.dtype))
         # the product is formed in fp32 and rounded once to dY's dtype, as before, in one pass
         dy = torch.mul(dy, row_scale[:, None]).to(dy.dtype)
     d_x = d_w = None
