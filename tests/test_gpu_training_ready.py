@@ -56,12 +56,13 @@ def _capture_and_compare(fn):
     result (the kernels are deterministic: equal)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
+    with torch.cuda.stream(side):  # eager runs off the default stream, as torch's docs ask:
+        fn()                       # autograd's leaf nodes keep the stream they first ran on
+        torch.cuda.synchronize()
+        with sync_debug_error():
+            eager = [t.clone() for t in fn()]
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    with sync_debug_error():
-        eager = [t.clone() for t in fn()]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = fn()
