@@ -287,15 +287,17 @@ def _mm_setup(ctx, inputs, output):
     ctx.save_for_backward(a, b, m_sizes)
 
 
-def _mm_backward(ctx, grad_out):
+def _mm_backward(ctx, grad_out, *, run_dx=dx_op, run_dw=dw_op):
+    """Gradients of grouped_mm_op: the custom ops when traced, the plain implementations
+    from the eager autograd.Function."""
     a, b, m_sizes = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     da = db = None
     if ctx.needs_input_grad[0]:
-        da = dx_op(grad_out, b.transpose(1, 2), m_sizes, None, 1, False, False,
-                   ctx.dx_config)
+        da = run_dx(grad_out, b.transpose(1, 2), m_sizes, None, 1, False, False,
+                    ctx.dx_config)
     if ctx.needs_input_grad[1]:
-        db = dw_op(grad_out, a, m_sizes, None, 1, False, False, ctx.dw_config, False)
+        db = run_dw(grad_out, a, m_sizes, None, 1, False, False, ctx.dw_config, False)
     return da, db, None, None, None, None
 
 
@@ -315,15 +317,7 @@ class _EagerGroupedMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        a, b, m_sizes = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        da = db = None
-        if ctx.needs_input_grad[0]:
-            da = dx_impl(grad_out, b.transpose(1, 2), m_sizes, None, 1, False, False,
-                         ctx.dx_config)
-        if ctx.needs_input_grad[1]:
-            db = dw_impl(grad_out, a, m_sizes, None, 1, False, False, ctx.dw_config, False)
-        return da, db, None, None, None, None
+        return _mm_backward(ctx, grad_out, run_dx=dx_impl, run_dw=dw_impl)
 
 
 def grouped_mm(*inputs) -> torch.Tensor:
