@@ -9,6 +9,7 @@ the same objects; a setting a backend cannot honour is documented where it is ig
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Union
 
@@ -288,6 +289,7 @@ _FP32_DEFAULTS = {
 }
 
 
+@functools.lru_cache(maxsize=None)  # every call without a tuned entry asks (tens of us)
 def default_config(op: str, dtype=None) -> AnyConfig:
     """The default config of ``op``; with ``dtype`` one for operands of that dtype that fits
     Hopper's shared memory: the default itself for bf16 and fp16, small FMA-friendly tiles

@@ -33,7 +33,7 @@ def safe_sizes(m_sizes_ptr, E, M, E_POW2: tl.constexpr):
     the identity. A few vector ops over the experts, once per program."""
     experts = tl.arange(0, E_POW2)
     raw = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int64)
-    sizes = tl.maximum(raw, 0)
+    sizes = tl.minimum(tl.maximum(raw, 0), M)  # each in [0, M]: the int64 sum cannot wrap
     ends = tl.cumsum(sizes, 0)
     starts = tl.minimum(ends - sizes, M)
     ends = tl.minimum(ends, M)
